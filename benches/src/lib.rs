@@ -1,0 +1,3 @@
+//! Shared fixtures for the ViWorkS benchmarks.
+//!
+//! This crate currently holds no benchmark.

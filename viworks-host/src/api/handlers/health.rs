@@ -1,0 +1,80 @@
+//! Health and metrics, served without a token: `/internal/_healthz` reports each component
+//! and answers 503 when one is degraded; `/metrics` refreshes the gauges and renders every
+//! metric in the Prometheus text format.
+
+use std::time::Duration;
+
+use hyper::Response;
+use serde_json::json;
+
+use crate::api::ApiState;
+use crate::api::response::{self, Body};
+use crate::metrics::KindLabel;
+use crate::store::Store;
+
+/// A database slower than this to answer a ping is degraded.
+const SLOW_DATABASE: Duration = Duration::from_secs(1);
+
+/// `GET /internal/_healthz`: database (ok, latency), agents (online), queue (queued, in flight,
+/// free slots), telemetry (ingest lag), dead letters (count). 503 when the database fails or is
+/// slower than 1 s, or the queues have no free slot.
+pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<Body> {
+    let queue = state.control.queue_stats();
+    let store = state.control.store();
+    let ping = store.ping().await;
+    let stats = store.stats().await;
+    let latency_ms = ping.as_ref().ok().map(|latency| latency.as_secs_f64() * 1000.0);
+    let database_ok = matches!(&ping, Ok(latency) if *latency <= SLOW_DATABASE) && stats.is_ok();
+    if let Err(error) = &ping {
+        tracing::warn!(%error, "health check: the database ping failed");
+    }
+    if let Err(error) = &stats {
+        tracing::warn!(%error, "health check: reading store statistics failed");
+    }
+    let stats = stats.ok();
+    let lag_ms = stats
+        .as_ref()
+        .and_then(|s| s.latest_telemetry)
+        .map(|latest| state.control.now().saturating_since(latest).as_millis() as u64);
+    let queue_ok = queue.free_slots > 0;
+    let mut degraded = Vec::new();
+    if !database_ok {
+        degraded.push("database");
+    }
+    if !queue_ok {
+        degraded.push("queue");
+    }
+    let healthy = degraded.is_empty();
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "degraded": degraded,
+        "components": {
+            "database": { "ok": database_ok, "latency_ms": latency_ms },
+            "agents": { "ok": true, "online": queue.online },
+            "queue": { "ok": queue_ok, "queued": queue.queued, "in_flight": queue.in_flight, "free_slots": queue.free_slots },
+            "telemetry": { "ok": true, "lag_ms": lag_ms },
+            "dead_letters": { "ok": true, "count": stats.as_ref().map(|s| s.dead_letters) },
+        },
+    });
+    response::json(if healthy { 200 } else { 503 }, &body)
+}
+
+/// `GET /metrics`: refreshes the command-state and queue gauges, then renders every metric.
+pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<Body> {
+    let metrics = state.control.metrics();
+    let queue = state.control.queue_stats();
+    metrics.queue_depth.set(queue.queued as i64);
+    metrics.in_flight.set(queue.in_flight as i64);
+    match state.control.store().stats().await {
+        Ok(stats) => {
+            // States that emptied since the last scrape drop out of the store's counts; clear
+            // so that they do not keep their old value.
+            metrics.commands.clear();
+            for (name, count) in stats.commands_by_state {
+                metrics.commands.get_or_create(&KindLabel { kind: name }).set(count as i64);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "metrics: reading store statistics failed; command gauges are stale"),
+    }
+    response::with_body(200, "text/plain; version=0.0.4; charset=utf-8", response::full(metrics.render()))
+}

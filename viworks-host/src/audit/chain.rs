@@ -1,0 +1,202 @@
+//! The audit hash chain: each record's hash covers its predecessor's hash and its own content,
+//! so editing, inserting or removing a record anywhere but at the end breaks every later link.
+//!
+//! Pure functions shared by every store: [`link_hash`] when appending, [`verify`] when walking.
+
+use serde_json::Value;
+use viworks_core::idempotency::{RequestDigest, canonical_json};
+
+use crate::store::{AuditEntry, ChainVerdict, NewAudit};
+
+/// The `prev_hash` of the first record: 32 zero bytes (64 zero digits in hex).
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// The hash of a record with `content` following a record whose hash is `prev`:
+/// `blake3(prev || canonical JSON of content)`.
+///
+/// The canonical JSON (keys sorted, no whitespace, see [`canonical_json`]) makes the hash
+/// independent of how a store orders JSON keys, so any store, or `b3sum` over an export,
+/// reproduces it. Costs one serialisation of `content` and one pass of BLAKE3 over it.
+pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
+    // NewAudit holds strings, integers and a `serde_json::Value` only, all of which convert to
+    // a JSON value; the fallback is never taken.
+    let value = serde_json::to_value(content).unwrap_or(Value::Null);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(prev);
+    hasher.update(canonical_json(&value).as_bytes());
+    *hasher.finalize().as_bytes()
+}
+
+/// A 32-byte hash as 64 lowercase hexadecimal digits, as stored in `prev_hash` and `hash`.
+pub fn to_hex(hash: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*hash).to_hex().to_string()
+}
+
+/// The stored record that follows a record hashed `prev`, at position `seq`, with `content`.
+/// Stores call this when appending, so the hash a store writes is by construction the one
+/// [`verify`] expects.
+pub fn link(seq: u64, prev: &[u8; 32], content: NewAudit) -> AuditEntry {
+    let hash = link_hash(prev, &content);
+    AuditEntry { seq, content, prev_hash: to_hex(prev), hash: to_hex(&hash) }
+}
+
+/// Walks `entries`, which must be the whole chain in `seq` order, and reports the first record
+/// whose link does not hold:
+/// - its `seq` is not one more than its predecessor's (the first must be 1): a record was
+///   removed, inserted or renumbered;
+/// - its `prev_hash` is not its predecessor's hash (the [`GENESIS`] hash for the first);
+/// - its `hash` does not follow from `prev_hash` and its content: the record was edited.
+///
+/// Removing records from the end leaves a shorter chain that is intact; anchor the latest
+/// hash elsewhere (a SIEM receives every record) to detect that. Costs one [`link_hash`] per
+/// record and constant memory, so a store can stream its rows through it.
+pub fn verify<I: IntoIterator<Item = AuditEntry>>(entries: I) -> ChainVerdict {
+    let mut prev = GENESIS;
+    let mut expected: u64 = 1;
+    let mut checked: u64 = 0;
+    for entry in entries {
+        if entry.seq != expected {
+            let reason = format!("expected sequence number {expected}, found {}", entry.seq);
+            return ChainVerdict::Broken { seq: entry.seq, reason };
+        }
+        let prev_hex = to_hex(&prev);
+        if entry.prev_hash != prev_hex {
+            let reason = format!("prev_hash {} is not the previous record's hash {prev_hex}", entry.prev_hash);
+            return ChainVerdict::Broken { seq: entry.seq, reason };
+        }
+        let hash = link_hash(&prev, &entry.content);
+        let hash_hex = to_hex(&hash);
+        if entry.hash != hash_hex {
+            let reason = format!("hash {} does not match the record's content (expected {hash_hex})", entry.hash);
+            return ChainVerdict::Broken { seq: entry.seq, reason };
+        }
+        prev = hash;
+        expected = expected.saturating_add(1);
+        checked += 1;
+    }
+    ChainVerdict::Intact { entries: checked }
+}
+
+/// BLAKE3 of the canonical JSON of `args`, as 64 lowercase hexadecimal digits: the
+/// `args_hash` of an audit record. Equal arguments give equal hashes whatever their key order.
+/// Costs one pass over `args`; the JSON text is hashed as it is produced, never materialised.
+pub fn args_hash(args: &Value) -> String {
+    // `RequestDigest::of_json` is exactly plain BLAKE3 of `canonical_json(args)` (a test below
+    // holds it to that), without building the text.
+    RequestDigest::of_json(args).to_hex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+    use viworks_core::Timestamp;
+
+    fn content(n: u64) -> NewAudit {
+        NewAudit {
+            ts: Timestamp::from_millis(1_700_000_000_000 + n),
+            req_id: format!("req-{n}"),
+            actor: "admin".into(),
+            action: "command.created".into(),
+            args_hash: args_hash(&json!({ "n": n })),
+            targets: vec![format!("gw-{n}"), "cmd-1".into()],
+            rc: "202".into(),
+            duration_ms: n,
+            detail: json!({ "verb": "docker.ps", "n": n, "ratio": 0.5 }),
+        }
+    }
+
+    fn chain(len: u64) -> Vec<AuditEntry> {
+        let mut prev = GENESIS;
+        let mut out = Vec::new();
+        for seq in 1..=len {
+            let entry = link(seq, &prev, content(seq));
+            prev = blake3::Hash::from_hex(&entry.hash).expect("hex").into();
+            out.push(entry);
+        }
+        out
+    }
+
+    #[test]
+    fn a_chain_built_by_link_verifies_intact() {
+        assert_eq!(verify(chain(5)), ChainVerdict::Intact { entries: 5 });
+        assert_eq!(verify(Vec::new()), ChainVerdict::Intact { entries: 0 });
+        let first = &chain(1)[0];
+        assert_eq!(first.prev_hash, "0".repeat(64));
+    }
+
+    #[test]
+    fn the_hash_is_blake3_of_prev_and_canonical_json() {
+        let c = content(1);
+        let prev = [7u8; 32];
+        let canonical = canonical_json(&serde_json::to_value(&c).expect("json"));
+        let mut bytes = prev.to_vec();
+        bytes.extend_from_slice(canonical.as_bytes());
+        assert_eq!(link_hash(&prev, &c), *blake3::hash(&bytes).as_bytes());
+        assert_ne!(link_hash(&GENESIS, &c), link_hash(&prev, &c), "the predecessor is covered");
+    }
+
+    #[test]
+    fn an_edited_record_breaks_at_that_record() {
+        let mut entries = chain(4);
+        entries[1].content.actor = "mallory".into();
+        assert!(matches!(verify(entries), ChainVerdict::Broken { seq: 2, .. }));
+    }
+
+    #[test]
+    fn a_recomputed_hash_breaks_at_the_next_record() {
+        let mut entries = chain(4);
+        entries[1].content.rc = "500".into();
+        let prev: [u8; 32] = blake3::Hash::from_hex(&entries[0].hash).expect("hex").into();
+        entries[1] = link(2, &prev, entries[1].content.clone());
+        assert!(matches!(verify(entries), ChainVerdict::Broken { seq: 3, .. }));
+    }
+
+    #[test]
+    fn a_gap_a_wrong_start_or_a_wrong_prev_hash_is_reported() {
+        let mut gap = chain(4);
+        gap.remove(2);
+        assert!(matches!(verify(gap), ChainVerdict::Broken { seq: 4, .. }));
+
+        let headless: Vec<_> = chain(3).into_iter().skip(1).collect();
+        assert!(matches!(verify(headless), ChainVerdict::Broken { seq: 2, .. }));
+
+        let mut relinked = chain(3);
+        relinked[2].prev_hash = relinked[0].hash.clone();
+        let verdict = verify(relinked);
+        assert!(
+            matches!(&verdict, ChainVerdict::Broken { seq: 3, reason } if reason.contains("prev_hash")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn args_hash_ignores_key_order_and_is_blake3_of_canonical_json() {
+        let a: Value = serde_json::from_str(r#"{"b":[1,{"y":2,"x":1}],"a":"z"}"#).expect("json");
+        let b: Value = serde_json::from_str(r#"{ "a": "z", "b": [1, {"x": 1, "y": 2}] }"#).expect("json");
+        assert_eq!(args_hash(&a), args_hash(&b));
+        assert_eq!(args_hash(&a), blake3::hash(canonical_json(&a).as_bytes()).to_hex().to_string());
+        assert_ne!(args_hash(&a), args_hash(&json!({ "a": "z" })));
+        assert_eq!(args_hash(&a).len(), 64);
+    }
+
+    proptest! {
+        #[test]
+        fn any_edited_field_breaks_the_chain_at_that_record(len in 1u64..8, at in 0u64..8, field in 0u8..6) {
+            let at = at % len;
+            let mut entries = chain(len);
+            let target = &mut entries[usize::try_from(at).expect("small")].content;
+            match field {
+                0 => target.actor.push('x'),
+                1 => target.ts = Timestamp::from_millis(target.ts.as_millis() + 1),
+                2 => target.targets.push("extra".into()),
+                3 => target.duration_ms += 1,
+                4 => target.detail = json!({ "verb": "docker.ps" }),
+                _ => target.action = "token.created".into(),
+            }
+            let broken_there = matches!(verify(entries), ChainVerdict::Broken { seq, .. } if seq == at + 1);
+            prop_assert!(broken_there);
+        }
+    }
+}

@@ -1,0 +1,914 @@
+//! The running control plane's shared state: admission of agent connections, the command
+//! dispatcher, the registry of live sessions, and the persistence of every command
+//! transition. The agent endpoint and the REST API both work through [`Control`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{Notify, broadcast};
+use viworks_core::auth::{AgentKey, ChannelBinding, MasterKey};
+use viworks_core::flow::{Delivery, TokenBucket};
+use viworks_core::idempotency::{IdempotencyKey, JobId, Recorded, RequestDigest};
+use viworks_core::session::{
+    AgentKeys, CommandRecord, CommandState, DispatchConfig, DispatchError, DispatchEvent, Dispatcher, Host, HostConfig,
+    HostSession, NewCommand, Refusal, Terminal,
+};
+use viworks_core::wire::{AgentId, Command, CommandId, CommandResult, Verb};
+use viworks_core::{Entropy, Timestamp};
+
+use crate::audit;
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::store::{AgentFilter, JobInsert, JobRecord, NewAudit, Store, StoreError};
+
+/// Agent keys for enrolled, unrevoked agents only, derived from the master key.
+pub struct EnrolledKeys {
+    master: MasterKey,
+    enrolled: RwLock<BTreeMap<AgentId, bool>>,
+}
+
+impl EnrolledKeys {
+    /// Keys under `master` for the agents in `enrolled` (id, revoked).
+    pub fn new(master: MasterKey, enrolled: impl IntoIterator<Item = (AgentId, bool)>) -> Self {
+        EnrolledKeys { master, enrolled: RwLock::new(enrolled.into_iter().collect()) }
+    }
+
+    /// Records an enrollment or a revocation.
+    pub fn set(&self, agent: AgentId, revoked: bool) {
+        if let Ok(mut enrolled) = self.enrolled.write() {
+            enrolled.insert(agent, revoked);
+        }
+    }
+
+    /// The agent key of `agent`, enrolled or not (for enrollment bundles).
+    pub fn derive(&self, agent: &AgentId) -> AgentKey {
+        AgentKey::derive(&self.master, agent)
+    }
+}
+
+impl AgentKeys for EnrolledKeys {
+    fn agent_key(&self, agent_id: &AgentId) -> Option<AgentKey> {
+        let enrolled = self.enrolled.read().ok()?;
+        match enrolled.get(agent_id) {
+            Some(false) => Some(AgentKey::derive(&self.master, agent_id)),
+            _ => None,
+        }
+    }
+}
+
+/// Which agents a submission targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// These agents, each of which must be enrolled, unrevoked and not in maintenance.
+    Agents(Vec<AgentId>),
+    /// Every enrolled agent matching all given criteria; agents in maintenance are skipped.
+    Selector {
+        /// Only this site.
+        site: Option<String>,
+        /// Only agents advertising this capability.
+        capability: Option<String>,
+        /// Only agents online now (true) or offline now (false).
+        online: Option<bool>,
+    },
+}
+
+/// A validated operator request to run one verb on some agents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubmitRequest {
+    /// The verb; its arguments were validated against its schema.
+    pub verb: Verb,
+    /// Its arguments.
+    pub args: serde_json::Value,
+    /// Where to run it.
+    pub targets: Targets,
+    /// How long each agent lets it run.
+    pub timeout: Duration,
+    /// Who asked (token name), for the audit trail.
+    pub actor: String,
+    /// The API request id.
+    pub req_id: String,
+    /// The `Idempotency-Key` header and the request's digest.
+    pub idempotency: Option<(IdempotencyKey, RequestDigest)>,
+}
+
+/// An accepted submission: durable before this is returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The job.
+    pub job_id: JobId,
+    /// One command per target.
+    pub commands: Vec<(CommandId, AgentId)>,
+    /// True when the idempotency key named an earlier, identical request: nothing new was
+    /// queued.
+    pub replayed: bool,
+}
+
+/// Why the control plane refused a request.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// A queue bound was reached; retry after the given time (HTTP 429).
+    #[error("queues are full; retry in {} s", retry_after.as_secs())]
+    QueueFull {
+        /// A suggested wait.
+        retry_after: Duration,
+    },
+    /// The idempotency key was used with a different request (HTTP 409).
+    #[error("idempotency key {0} was used with a different request")]
+    IdempotencyConflict(IdempotencyKey),
+    /// Targets that are not enrolled or are revoked (HTTP 404).
+    #[error("unknown or revoked agents: {0:?}")]
+    UnknownAgents(Vec<AgentId>),
+    /// Targets in maintenance mode (HTTP 409).
+    #[error("agents in maintenance: {0:?}")]
+    InMaintenance(Vec<AgentId>),
+    /// The request names no target, or the selector matched none (HTTP 422).
+    #[error("no agent matches the targets")]
+    NoTargets,
+    /// No such command (HTTP 404).
+    #[error("no unfinished command {0}")]
+    NotFound(CommandId),
+    /// The command was already sent and cannot be cancelled (HTTP 409).
+    #[error("command {0} was already sent to its agent")]
+    NotCancellable(CommandId),
+    /// The store failed (HTTP 503).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Queue figures for health and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Commands waiting to be sent.
+    pub queued: usize,
+    /// Commands sent or acknowledged and not yet answered.
+    pub in_flight: usize,
+    /// Room left before submissions are refused.
+    pub free_slots: usize,
+    /// Live agent sessions.
+    pub online: usize,
+}
+
+/// The bounds and timers of the running host.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlConfig {
+    /// Admission and session settings.
+    pub host: HostConfig,
+    /// Dispatcher bounds and retry policy.
+    pub dispatch: DispatchConfig,
+}
+
+struct Live {
+    session: u64,
+    wake: Arc<Notify>,
+    stop: Arc<AtomicU8>,
+}
+
+/// Why a connection task must end its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Nothing: keep going.
+    No,
+    /// The agent was revoked while connected.
+    Revoked,
+    /// A newer session of the same agent was admitted (this one had missed its liveness
+    /// deadline, or admission would have refused the newer one).
+    Superseded,
+}
+
+/// What a connection task holds for its admitted session.
+pub struct Attachment {
+    /// Notified when commands may be waiting for this agent or the session must end.
+    pub wake: Arc<Notify>,
+    stop: Arc<AtomicU8>,
+}
+
+impl Attachment {
+    /// Whether, and why, the session must end.
+    pub fn stop(&self) -> Stop {
+        match self.stop.load(Ordering::Acquire) {
+            1 => Stop::Revoked,
+            2 => Stop::Superseded,
+            _ => Stop::No,
+        }
+    }
+}
+
+struct Dispatch {
+    dispatcher: Dispatcher,
+    reserved_total: usize,
+    reserved_per_agent: BTreeMap<AgentId, usize>,
+}
+
+struct Inner<S> {
+    store: S,
+    config: ControlConfig,
+    clock: Clock,
+    keys: Arc<EnrolledKeys>,
+    host: Mutex<Host>,
+    dispatch: Mutex<Dispatch>,
+    live: Mutex<BTreeMap<AgentId, Live>>,
+    sent_at: Mutex<BTreeMap<CommandId, Timestamp>>,
+    dirty: Mutex<BTreeMap<CommandId, CommandRecord>>,
+    persist: Notify,
+    updates: broadcast::Sender<CommandRecord>,
+    entropy: Mutex<Entropy>,
+    metrics: Metrics,
+    closing: AtomicBool,
+    security_audits: Mutex<TokenBucket>,
+}
+
+/// The control plane's shared state. Cheap to clone; every clone is the same control plane.
+pub struct Control<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Control<S> {
+    fn clone(&self) -> Self {
+        Control { inner: Arc::clone(&self.inner) }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave these structures half-updated in a way that
+    // matters more than stopping would; keep serving.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<S: Store + Clone> Control<S> {
+    /// Starts the control plane on `store`: loads enrolled agents, rebuilds the dispatcher
+    /// from unfinished commands (finishing those whose result was stored before a crash), and
+    /// spawns its persister and timer tasks on the current tokio runtime.
+    pub async fn start(
+        store: S,
+        master: MasterKey,
+        config: ControlConfig,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        let clock = Clock::start();
+        let now = clock.now();
+        let mut enrolled = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .agents(&AgentFilter {
+                    include_revoked: true,
+                    after: after.clone(),
+                    limit: 1000,
+                    ..AgentFilter::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.agent_id.clone());
+            enrolled.extend(page.into_iter().map(|a| (a.agent_id, a.revoked)));
+        }
+        let keys = Arc::new(EnrolledKeys::new(master, enrolled));
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| StoreError::Database(format!("no OS randomness: {e}")))?;
+        let mut entropy = Entropy::from_seed(seed);
+        let host = Host::new(config.host, Box::new(SharedKeys(Arc::clone(&keys))), entropy.fork(), now)
+            .map_err(|e| StoreError::Database(format!("invalid host configuration: {e}")))?;
+        let unfinished = store.unfinished_commands().await?;
+        let mut finished_results = Vec::new();
+        for record in &unfinished {
+            if let Some(stored) = store.command(&record.command.command_id).await?
+                && let Some(result) = stored.result
+            {
+                finished_results.push(result.result);
+            }
+        }
+        let mut dispatcher = Dispatcher::recover(config.dispatch, entropy.fork(), now, unfinished);
+        // Orders are unique across every command ever stored, finished ones included.
+        if let Some(max) = store.max_order().await? {
+            let next = dispatcher.take_orders(0);
+            dispatcher.take_orders((max + 1).saturating_sub(next));
+        }
+        for result in &finished_results {
+            // Stored and acknowledged before a crash, but its terminal record was not written.
+            dispatcher.on_result(now, result);
+        }
+        let (updates, _) = broadcast::channel(4096);
+        let control = Control {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                clock,
+                keys,
+                host: Mutex::new(host),
+                dispatch: Mutex::new(Dispatch { dispatcher, reserved_total: 0, reserved_per_agent: BTreeMap::new() }),
+                live: Mutex::new(BTreeMap::new()),
+                sent_at: Mutex::new(BTreeMap::new()),
+                dirty: Mutex::new(BTreeMap::new()),
+                persist: Notify::new(),
+                updates,
+                entropy: Mutex::new(entropy),
+                metrics,
+                closing: AtomicBool::new(false),
+                // 100 at once, then 20 a second: a flood of refused connections is counted in
+                // metrics, not written to the audit chain one row per attempt.
+                security_audits: Mutex::new(TokenBucket::new(100, Duration::from_millis(50), now)),
+            }),
+        };
+        control.drain_dispatcher_events();
+        tokio::spawn(control.clone().persister());
+        tokio::spawn(control.clone().ticker());
+        Ok(control)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The clock every component reads.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The enrolled agents' keys.
+    pub fn keys(&self) -> &EnrolledKeys {
+        &self.inner.keys
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &ControlConfig {
+        &self.inner.config
+    }
+
+    /// Change notifications for commands, sent after each record is durable. Subscribers
+    /// that fall behind see `Lagged` and should re-read from the store.
+    pub fn subscribe(&self) -> broadcast::Receiver<CommandRecord> {
+        self.inner.updates.subscribe()
+    }
+
+    /// A fresh random identifier: 32 lowercase hex digits.
+    pub fn random_id(&self) -> String {
+        let bytes = lock(&self.inner.entropy).bytes32();
+        bytes[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    // ---- admission and sessions -------------------------------------------------------------
+
+    /// Admits a connection by its first message (see [`Host::accept`]).
+    pub fn accept(&self, hello: &[u8], proven: &AgentId, binding: &ChannelBinding) -> Result<HostSession, Refusal> {
+        let now = self.now();
+        lock(&self.inner.host).accept(now, hello, Some(proven), binding)
+    }
+
+    /// Registers an admitted session so that it is woken for new commands; commands the agent
+    /// acknowledged earlier are resumed on it.
+    pub fn attach(&self, session: &mut HostSession) -> Attachment {
+        let agent = session.agent_id().clone();
+        let awaiting = lock(&self.inner.dispatch).dispatcher.awaiting_results(&agent);
+        session.resume(self.now(), awaiting);
+        let wake = Arc::new(Notify::new());
+        let stop = Arc::new(AtomicU8::new(0));
+        let previous = lock(&self.inner.live)
+            .insert(agent, Live { session: session.id(), wake: Arc::clone(&wake), stop: Arc::clone(&stop) });
+        if let Some(previous) = previous {
+            previous.stop.store(2, Ordering::Release);
+            previous.wake.notify_one();
+        }
+        self.inner.metrics.sessions.inc();
+        wake.notify_one();
+        Attachment { wake, stop }
+    }
+
+    /// Unregisters a session that ended, and re-queues what it left unacknowledged.
+    pub fn detach(&self, agent: &AgentId, session: u64, in_flight: &[(CommandId, Delivery)]) {
+        let now = self.now();
+        {
+            let mut live = lock(&self.inner.live);
+            if live.get(agent).is_some_and(|l| l.session == session) {
+                live.remove(agent);
+            }
+        }
+        self.inner.metrics.sessions.dec();
+        self.with_dispatcher(|d| d.on_session_closed(now, session, in_flight));
+    }
+
+    /// Whether `agent` has a live session on this host.
+    pub fn is_online(&self, agent: &AgentId) -> bool {
+        lock(&self.inner.live).contains_key(agent)
+    }
+
+    /// Agents with a live session.
+    pub fn online_agents(&self) -> BTreeSet<AgentId> {
+        lock(&self.inner.live).keys().cloned().collect()
+    }
+
+    /// Commands `agent` may be sent now on `session`, at most `credits`.
+    pub fn next_commands(&self, agent: &AgentId, session: u64, credits: usize) -> Vec<Command> {
+        if credits == 0 {
+            return Vec::new();
+        }
+        let now = self.now();
+        let commands = self.with_dispatcher(|d| d.next_for(now, agent, session, credits));
+        if !commands.is_empty() {
+            let mut sent_at = lock(&self.inner.sent_at);
+            for command in &commands {
+                sent_at.entry(command.command_id.clone()).or_insert(now);
+            }
+        }
+        commands
+    }
+
+    /// A command taken with [`Control::next_commands`] could not be sent on `session`: it goes
+    /// back to its queue under the retry policy, as if its session had ended.
+    pub fn unsent(&self, session: u64, id: &CommandId) {
+        let now = self.now();
+        let delivery = Delivery { sent_at: now, acked: false };
+        self.with_dispatcher(|d| d.on_session_closed(now, session, &[(id.clone(), delivery)]));
+    }
+
+    /// The agent acknowledged a command.
+    pub fn acked(&self, id: &CommandId) {
+        let now = self.now();
+        self.with_dispatcher(|d| d.on_acked(now, id));
+    }
+
+    /// Stores results durably, then finishes their commands. Returns the ids that may be
+    /// acknowledged to the agent (all stored ones, duplicates included).
+    pub async fn results(&self, agent: &AgentId, results: Vec<CommandResult>) -> Result<Vec<CommandId>, StoreError> {
+        let now = self.now();
+        let started = std::time::Instant::now();
+        let writes = results.iter().map(|result| self.inner.store.save_result(agent, result, now));
+        let outcomes = futures_util::future::join_all(writes).await;
+        self.inner.metrics.result_store_seconds.observe(started.elapsed().as_secs_f64());
+        let mut stored = Vec::with_capacity(results.len());
+        let mut first_error = None;
+        for (result, outcome) in results.iter().zip(outcomes) {
+            match outcome {
+                Ok(Recorded::Conflicting { .. }) => {
+                    stored.push(result.command_id.clone());
+                    self.audit_event(
+                        agent.as_str(),
+                        "security.conflicting_result",
+                        vec![result.command_id.to_string()],
+                        "kept_first",
+                        serde_json::json!({}),
+                    );
+                }
+                Ok(_) => stored.push(result.command_id.clone()),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        let finished = self.with_dispatcher(|d| {
+            results.iter().filter(|r| stored.contains(&r.command_id)).filter(|r| d.on_result(now, r)).count()
+        });
+        self.inner.metrics.results.inc_by(finished as u64);
+        {
+            let mut sent_at = lock(&self.inner.sent_at);
+            for id in &stored {
+                if let Some(at) = sent_at.remove(id) {
+                    let seconds = now.saturating_since(at).as_secs_f64();
+                    self.inner.metrics.round_trip_seconds.observe(seconds);
+                }
+            }
+        }
+        match first_error {
+            Some(error) if stored.is_empty() => Err(error),
+            _ => Ok(stored),
+        }
+    }
+
+    /// Revokes or reinstates an agent: refused at its next HELLO, and its live session (if
+    /// any) is closed.
+    pub async fn set_revoked(&self, agent: &AgentId, revoked: bool) -> Result<bool, StoreError> {
+        let found = self.inner.store.set_revoked(agent, revoked).await?;
+        if found {
+            self.inner.keys.set(agent.clone(), revoked);
+            if revoked && let Some(live) = lock(&self.inner.live).get(agent) {
+                live.stop.store(1, Ordering::Release);
+                live.wake.notify_one();
+            }
+        }
+        Ok(found)
+    }
+
+    // ---- submissions ------------------------------------------------------------------------
+
+    /// Accepts a submission: resolves targets, reserves queue room, stores the job and its
+    /// commands durably, then queues them. Nothing is queued when any step refuses.
+    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, ControlError> {
+        let agents = self.resolve_targets(&request.targets).await?;
+        let now = self.now();
+        let first_order = self.reserve(&agents)?;
+        let outcome = self.store_job(&request, &agents, now, first_order).await;
+        let outcome = match outcome {
+            Ok((Some(existing), _)) => {
+                self.release(&agents);
+                return self.existing_job(existing).await;
+            }
+            Ok((None, records)) => Ok(records),
+            Err(error) => Err(error),
+        };
+        let records = match outcome {
+            Ok(records) => records,
+            Err(error) => {
+                self.release(&agents);
+                return Err(error);
+            }
+        };
+        let job_id = records.0.clone();
+        let commands: Vec<(CommandId, AgentId)> =
+            records.1.iter().map(|r| (r.command.command_id.clone(), r.command.agent_id.clone())).collect();
+        {
+            let mut dispatch = lock(&self.inner.dispatch);
+            release_locked(&mut dispatch, &agents);
+            for record in records.1 {
+                // Room was reserved above, so the bounds cannot refuse it.
+                if let Err(error) = dispatch.dispatcher.admit(record) {
+                    tracing::error!(%error, "reserved submission refused");
+                }
+            }
+        }
+        self.drain_dispatcher_events();
+        self.wake(commands.iter().map(|(_, agent)| agent));
+        self.inner.metrics.submitted.inc_by(commands.len() as u64);
+        for (command, agent) in &commands {
+            self.audit_event(
+                &request.actor,
+                "command.created",
+                vec![agent.to_string(), command.to_string()],
+                "queued",
+                serde_json::json!({ "job_id": job_id, "req_id": request.req_id, "verb": request.verb.as_str() }),
+            );
+        }
+        Ok(Submitted { job_id, commands, replayed: false })
+    }
+
+    async fn resolve_targets(&self, targets: &Targets) -> Result<Vec<AgentId>, ControlError> {
+        let store = &self.inner.store;
+        let agents = match targets {
+            Targets::Agents(ids) => {
+                let mut unknown = Vec::new();
+                let mut maintenance = Vec::new();
+                let mut unique = BTreeSet::new();
+                for id in ids {
+                    if !unique.insert(id.clone()) {
+                        continue;
+                    }
+                    match store.agent(id).await? {
+                        Some(agent) if !agent.revoked && agent.maintenance => maintenance.push(id.clone()),
+                        Some(agent) if !agent.revoked => {}
+                        _ => unknown.push(id.clone()),
+                    }
+                }
+                if !unknown.is_empty() {
+                    return Err(ControlError::UnknownAgents(unknown));
+                }
+                if !maintenance.is_empty() {
+                    return Err(ControlError::InMaintenance(maintenance));
+                }
+                unique.into_iter().collect()
+            }
+            Targets::Selector { site, capability, online } => {
+                let mut out = Vec::new();
+                let mut after = None;
+                loop {
+                    let filter = AgentFilter {
+                        site: site.clone(),
+                        capability: capability.clone(),
+                        after: after.clone(),
+                        limit: 1000,
+                        ..AgentFilter::default()
+                    };
+                    let page = store.agents(&filter).await?;
+                    let Some(last) = page.last() else { break };
+                    after = Some(last.agent_id.clone());
+                    out.extend(
+                        page.into_iter()
+                            .filter(|a| !a.maintenance && !a.revoked)
+                            .filter(|a| online.is_none_or(|want| self.is_online(&a.agent_id) == want))
+                            .map(|a| a.agent_id),
+                    );
+                }
+                out
+            }
+        };
+        if agents.is_empty() {
+            return Err(ControlError::NoTargets);
+        }
+        Ok(agents)
+    }
+
+    fn reserve(&self, agents: &[AgentId]) -> Result<u64, ControlError> {
+        let mut dispatch = lock(&self.inner.dispatch);
+        let bounds = self.inner.config.dispatch;
+        let full = dispatch.dispatcher.len() + dispatch.reserved_total + agents.len() > bounds.max_commands
+            || agents.iter().any(|agent| {
+                let reserved = dispatch.reserved_per_agent.get(agent).copied().unwrap_or(0);
+                dispatch.dispatcher.unfinished_for(agent) + reserved + 1 > bounds.per_agent_queue
+            });
+        if full {
+            self.inner.metrics.refused_full.inc();
+            return Err(ControlError::QueueFull { retry_after: Duration::from_secs(1) });
+        }
+        dispatch.reserved_total += agents.len();
+        for agent in agents {
+            *dispatch.reserved_per_agent.entry(agent.clone()).or_default() += 1;
+        }
+        Ok(dispatch.dispatcher.take_orders(agents.len() as u64))
+    }
+
+    fn release(&self, agents: &[AgentId]) {
+        release_locked(&mut lock(&self.inner.dispatch), agents);
+    }
+
+    async fn store_job(
+        &self,
+        request: &SubmitRequest,
+        agents: &[AgentId],
+        now: Timestamp,
+        first_order: u64,
+    ) -> Result<(Option<JobId>, (JobId, Vec<CommandRecord>)), ControlError> {
+        let job_id = JobId::new(format!("job-{}", self.random_id()))
+            .map_err(|e| StoreError::Database(format!("generated job id invalid: {e}")))?;
+        let records: Vec<CommandRecord> = agents
+            .iter()
+            .enumerate()
+            .map(|(n, agent)| {
+                let command_id = CommandId::new(format!("cmd-{}-{n}", self.random_id()))
+                    .map_err(|e| StoreError::Database(format!("generated command id invalid: {e}")))?;
+                Ok(CommandRecord {
+                    command: NewCommand {
+                        command_id,
+                        agent_id: agent.clone(),
+                        verb: request.verb.clone(),
+                        args: request.args.clone(),
+                        timeout: request.timeout,
+                    },
+                    state: CommandState::Queued { not_before: now },
+                    attempts: 0,
+                    submitted_at: now,
+                    order: first_order + n as u64,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let job = JobRecord {
+            job_id: job_id.clone(),
+            req_id: request.req_id.clone(),
+            actor: request.actor.clone(),
+            verb: request.verb.clone(),
+            args: request.args.clone(),
+            created_at: now,
+            idempotency: request.idempotency.clone(),
+        };
+        match self.inner.store.create_job(&job, &records).await {
+            Ok(JobInsert::Created) => Ok((None, (job_id, records))),
+            Ok(JobInsert::Existing(existing)) => Ok((Some(existing), (job_id, Vec::new()))),
+            Err(StoreError::IdempotencyConflict(key)) => Err(ControlError::IdempotencyConflict(key)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn existing_job(&self, job_id: JobId) -> Result<Submitted, ControlError> {
+        let commands = match self.inner.store.job(&job_id).await? {
+            Some((_, commands)) => {
+                commands.into_iter().map(|c| (c.record.command.command_id, c.record.command.agent_id)).collect()
+            }
+            None => Vec::new(),
+        };
+        Ok(Submitted { job_id, commands, replayed: true })
+    }
+
+    /// Cancels a command that was not sent yet.
+    pub fn cancel(&self, id: &CommandId) -> Result<(), ControlError> {
+        let now = self.now();
+        self.with_dispatcher(|d| d.cancel(now, id)).map_err(|error| match error {
+            DispatchError::NotCancellable(id) => ControlError::NotCancellable(id),
+            _ => ControlError::NotFound(id.clone()),
+        })
+    }
+
+    /// Queue figures.
+    pub fn queue_stats(&self) -> QueueStats {
+        let dispatch = lock(&self.inner.dispatch);
+        let queued = dispatch.dispatcher.queued_total();
+        let unfinished = dispatch.dispatcher.len();
+        let free_slots = self.inner.config.dispatch.max_commands.saturating_sub(unfinished + dispatch.reserved_total);
+        QueueStats { queued, in_flight: unfinished - queued, free_slots, online: lock(&self.inner.live).len() }
+    }
+
+    // ---- audit ------------------------------------------------------------------------------
+
+    /// Appends an audit record in the background and emits it on the `audit` tracing target.
+    pub fn audit_event(&self, actor: &str, action: &str, targets: Vec<String>, rc: &str, detail: serde_json::Value) {
+        let entry = NewAudit {
+            ts: self.now(),
+            req_id: String::new(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            args_hash: audit::chain::args_hash(&detail),
+            targets,
+            rc: rc.to_owned(),
+            duration_ms: 0,
+            detail,
+        };
+        let store = self.inner.store.clone();
+        tokio::spawn(async move { audit::record(&store, entry).await });
+    }
+
+    /// Like [`Control::audit_event`], for events an unauthenticated peer can cause at will:
+    /// rate-limited, with the excess counted in the `audit_suppressed` metric instead.
+    pub fn audit_security(&self, actor: &str, action: &str, targets: Vec<String>, rc: &str, detail: serde_json::Value) {
+        let allowed = lock(&self.inner.security_audits).try_take(self.now(), 1).is_ok();
+        if allowed {
+            self.audit_event(actor, action, targets, rc, detail);
+        } else {
+            self.inner.metrics.audit_suppressed.inc();
+        }
+    }
+
+    // ---- internals --------------------------------------------------------------------------
+
+    fn with_dispatcher<R>(&self, f: impl FnOnce(&mut Dispatcher) -> R) -> R {
+        let out = f(&mut lock(&self.inner.dispatch).dispatcher);
+        self.drain_dispatcher_events();
+        out
+    }
+
+    /// Moves the dispatcher's reports into the persister's dirty set and wakes agents whose
+    /// commands became sendable.
+    fn drain_dispatcher_events(&self) {
+        let mut ready = BTreeSet::new();
+        let mut changed = Vec::new();
+        {
+            let mut dispatch = lock(&self.inner.dispatch);
+            while let Some(event) = dispatch.dispatcher.poll_event() {
+                match event {
+                    DispatchEvent::Changed(record) => changed.push(record),
+                    DispatchEvent::Ready(agent) => {
+                        ready.insert(agent);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !changed.is_empty() {
+            let mut dirty = lock(&self.inner.dirty);
+            for record in changed {
+                // The latest state of a command supersedes any unwritten earlier one.
+                dirty.insert(record.command.command_id.clone(), record);
+            }
+            self.inner.persist.notify_one();
+        }
+        self.wake(ready.iter());
+    }
+
+    fn wake<'a>(&self, agents: impl Iterator<Item = &'a AgentId>) {
+        let live = lock(&self.inner.live);
+        for agent in agents {
+            if let Some(session) = live.get(agent) {
+                session.wake.notify_one();
+            }
+        }
+    }
+
+    /// Writes changed command records in batches, then publishes and audits them.
+    async fn persister(self) {
+        loop {
+            let batch: Vec<CommandRecord> = {
+                let taken = std::mem::take(&mut *lock(&self.inner.dirty));
+                taken.into_values().collect()
+            };
+            if batch.is_empty() {
+                if self.inner.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.inner.persist.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
+            match self.inner.store.save_commands(&batch).await {
+                Ok(()) => {
+                    let store = self.inner.store.clone();
+                    let audits: Vec<NewAudit> = batch.iter().filter_map(|r| transition_audit(r, self.now())).collect();
+                    for record in batch {
+                        let _ = self.inner.updates.send(record);
+                    }
+                    tokio::spawn(async move {
+                        for entry in audits {
+                            audit::record(&store, entry).await;
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(%error, records = batch.len(), "persisting command records failed; retrying");
+                    {
+                        let mut dirty = lock(&self.inner.dirty);
+                        for record in batch {
+                            dirty.entry(record.command.command_id.clone()).or_insert(record);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Drives the dispatcher's timers: retry delays, queue expiry, result deadlines.
+    async fn ticker(self) {
+        while !self.inner.closing.load(Ordering::Acquire) {
+            let next = lock(&self.inner.dispatch).dispatcher.poll_timeout();
+            let now = self.now();
+            let wait = next.map_or(Duration::from_secs(1), |at| at.saturating_since(now).min(Duration::from_secs(1)));
+            tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
+            let now = self.now();
+            self.with_dispatcher(|d| d.handle_timeout(now));
+        }
+    }
+
+    /// Stops the background tasks after writing every pending record.
+    pub async fn shutdown(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        for _ in 0..200 {
+            if lock(&self.inner.dirty).is_empty() {
+                break;
+            }
+            self.inner.persist.notify_one();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let live: Vec<Arc<Notify>> = lock(&self.inner.live).values().map(|l| Arc::clone(&l.wake)).collect();
+        for wake in live {
+            wake.notify_one();
+        }
+    }
+
+    /// Whether [`Control::shutdown`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Acquire)
+    }
+}
+
+fn release_locked(dispatch: &mut Dispatch, agents: &[AgentId]) {
+    dispatch.reserved_total = dispatch.reserved_total.saturating_sub(agents.len());
+    for agent in agents {
+        if let Some(count) = dispatch.reserved_per_agent.get_mut(agent) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                dispatch.reserved_per_agent.remove(agent);
+            }
+        }
+    }
+}
+
+/// The audit record for a command's new state.
+fn transition_audit(record: &CommandRecord, now: Timestamp) -> Option<NewAudit> {
+    let (action, rc, detail) = match &record.state {
+        CommandState::Queued { .. } if record.attempts == 0 => {
+            ("command.created", "queued".to_owned(), serde_json::json!({}))
+        }
+        CommandState::Queued { not_before } => (
+            "command.retry_scheduled",
+            "queued".to_owned(),
+            serde_json::json!({ "not_before": not_before.as_millis() }),
+        ),
+        CommandState::Sent { session } => {
+            ("command.dispatched", "sent".to_owned(), serde_json::json!({ "session": session }))
+        }
+        CommandState::Acked { .. } => ("command.acked", "acked".to_owned(), serde_json::json!({})),
+        CommandState::Done(Terminal::DeadLettered(reason)) => {
+            ("command.dead_lettered", "dead_lettered".to_owned(), serde_json::json!({ "reason": reason.as_str() }))
+        }
+        CommandState::Done(terminal) => ("command.finished", terminal.as_str().to_owned(), serde_json::json!({})),
+    };
+    Some(NewAudit {
+        ts: now,
+        req_id: String::new(),
+        actor: "host".to_owned(),
+        action: action.to_owned(),
+        args_hash: audit::chain::args_hash(&record.command.args),
+        targets: vec![record.command.agent_id.to_string(), record.command.command_id.to_string()],
+        rc,
+        duration_ms: now.saturating_since(record.submitted_at).as_millis() as u64,
+        detail: serde_json::json!({ "verb": record.command.verb.as_str(), "attempts": record.attempts, "state": detail }),
+    })
+}
+
+/// Lets the admission [`Host`] own a handle to the shared key table.
+struct SharedKeys(Arc<EnrolledKeys>);
+
+impl AgentKeys for SharedKeys {
+    fn agent_key(&self, agent_id: &AgentId) -> Option<AgentKey> {
+        self.0.agent_key(agent_id)
+    }
+}

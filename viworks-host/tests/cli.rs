@@ -1,0 +1,58 @@
+//! The operator command line, run as the real binary.
+
+use std::process::Command;
+
+fn host() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_viworks-host"))
+}
+
+#[test]
+fn audit_verify_passes_an_intact_chain_and_fails_on_a_row_edited_in_the_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let init = host().arg("init").arg("--data-dir").arg(&data).output().expect("runs");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let stdout = String::from_utf8_lossy(&init.stdout);
+    assert!(stdout.lines().any(|l| l.starts_with("admin_token=vwk_")), "{stdout}");
+    let token = host().args(["token", "create", "--role", "viewer", "--data-dir"]).arg(&data).output().expect("runs");
+    assert!(String::from_utf8_lossy(&token.stdout).starts_with("token=vwk_"));
+    let verify = || host().args(["audit", "verify", "--data-dir"]).arg(&data).output().expect("runs");
+    assert_eq!(verify().status.code(), Some(0));
+    let db = rusqlite::Connection::open(data.join("viworks.db")).expect("opens");
+    assert_eq!(db.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1", []).expect("edits"), 1);
+    let broken = verify();
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&broken.stdout).contains("broken at record 1"));
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_invalid_configuration_exits_2_listing_every_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    assert!(host().arg("init").arg("--data-dir").arg(&data).status().expect("runs").success());
+    let again = host().arg("init").arg("--data-dir").arg(&data).output().expect("runs");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    let bad = host()
+        .args(["check-config", "--store", "mysql://x"])
+        .env("VIW_HOST_API_ADDR", "nonsense")
+        .env("VIW_HOST_BOGUS", "1")
+        .output()
+        .expect("runs");
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    for key in ["VIW_HOST_BOGUS", "api.addr", "store.url"] {
+        assert!(stderr.contains(key), "{key} missing from: {stderr}");
+    }
+}
+
+#[test]
+fn pin_prints_the_spki_pin_of_the_host_certificate() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let init = host().arg("init").arg("--data-dir").arg(&data).output().expect("runs");
+    let stdout = String::from_utf8_lossy(&init.stdout).into_owned();
+    let expected = stdout.lines().find_map(|l| l.strip_prefix("host_pin=")).expect("pin printed").to_owned();
+    let pin = host().arg("pin").arg(data.join("host.crt")).output().expect("runs");
+    assert_eq!(String::from_utf8_lossy(&pin.stdout).trim(), expected);
+}

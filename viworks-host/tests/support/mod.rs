@@ -1,0 +1,283 @@
+//! Fixtures for the host's integration tests: a data directory with a PKI and enrolled
+//! agents, a host running in-process, and a test agent that speaks the real protocol over
+//! real TLS and WebSocket.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use viworks_core::auth::{AgentKey, PinSet};
+use viworks_core::session::{AgentConfig, AgentEvent, AgentSession};
+use viworks_core::wire::{AgentId, Capability};
+use viworks_core::{Entropy, Timestamp};
+use viworks_host::config::{Config, FileConfig, Overrides};
+use viworks_host::store::{AgentRecord, Store};
+use viworks_host::tls::{self, InitOptions, Pki, Validity};
+
+/// A data directory with a PKI, a database and the bundles of enrolled agents.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub admin_token: String,
+}
+
+impl Fleet {
+    /// A fresh data directory; listeners on ephemeral loopback ports.
+    pub async fn new() -> Fleet {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let overrides = Overrides {
+            data_dir: Some(dir.path().join("data")),
+            api_addr: Some("127.0.0.1:0".into()),
+            agent_addr: Some("127.0.0.1:0".into()),
+            store: None,
+        };
+        let mut file = FileConfig::parse("[session]\nheartbeat_secs = 1\nliveness_secs = 3\n").expect("valid");
+        file.agents.public_url = Some("wss://localhost:1/ws/agent".into());
+        let config = file.resolve(&overrides).expect("valid config");
+        let initialized =
+            viworks_host::init(&config.data_dir, &config.store, &InitOptions::default()).await.expect("init");
+        Fleet { dir, config, admin_token: initialized.admin_token }
+    }
+
+    pub fn pki(&self) -> Pki {
+        Pki::load(&self.config.data_dir).expect("pki")
+    }
+
+    /// Enrolls `agent` in the store and writes its bundle; returns the bundle directory.
+    pub async fn enroll(&self, agent: &str) -> PathBuf {
+        self.enroll_with(agent, Validity::agent_default()).await
+    }
+
+    pub async fn enroll_with(&self, agent: &str, validity: Validity) -> PathBuf {
+        let id = AgentId::new(agent).expect("valid id");
+        let out = self.dir.path().join("bundles").join(agent);
+        tls::write_bundle_with_validity(&self.pki(), &id, "test", "wss://localhost:1/ws/agent", &out, validity)
+            .expect("bundle");
+        let store = viworks_host::open_store(&self.config.store).await.expect("store");
+        store
+            .enroll_agent(&AgentRecord {
+                agent_id: id,
+                site: "test".into(),
+                hostname: String::new(),
+                version: String::new(),
+                capabilities: Vec::new(),
+                max_concurrency: 0,
+                revoked: false,
+                maintenance: false,
+                enrolled_at: Timestamp::from_millis(1),
+                last_seen: None,
+                connected: false,
+            })
+            .await
+            .expect("enroll");
+        store.close().await;
+        out
+    }
+}
+
+pub type Socket = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A test agent: a real TLS client with its bundle's certificate and pin, a WebSocket, and an
+/// `AgentSession`.
+pub struct TestAgent {
+    pub id: AgentId,
+    pub socket: Socket,
+    pub session: AgentSession,
+    pub events: Vec<AgentEvent>,
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Opens TLS + WebSocket to `addr` with the certificate in `bundle`.
+pub async fn dial(
+    addr: std::net::SocketAddr,
+    bundle: &Path,
+) -> Result<(Socket, viworks_core::auth::ChannelBinding), String> {
+    let pin = std::fs::read_to_string(bundle.join("host.pin")).expect("pin").trim().parse().expect("valid pin");
+    let (client, _report) = tls::pinned_client_config(
+        &read(&bundle.join("ca.crt")),
+        &read(&bundle.join("client.crt")),
+        &read(&bundle.join("client.key")),
+        PinSet { primary: pin, backup: None },
+    )
+    .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = TlsConnector::from(client).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let binding = tls::channel_binding_client(tls.get_ref().1).map_err(|e| e.to_string())?;
+    let url = format!("wss://localhost:{}/ws/agent", addr.port());
+    let (socket, _) = tokio_tungstenite::client_async(url, tls).await.map_err(|e| e.to_string())?;
+    Ok((socket, binding))
+}
+
+impl TestAgent {
+    /// Connects as the agent whose bundle is `bundle`, claiming `claimed` in its HELLO.
+    pub async fn connect_as(addr: std::net::SocketAddr, bundle: &Path, claimed: &str) -> Result<TestAgent, String> {
+        let (socket, binding) = dial(addr, bundle).await?;
+        let key =
+            AgentKey::from_hex(&std::fs::read_to_string(bundle.join("agent.key")).expect("key")).expect("valid key");
+        let id = AgentId::new(claimed).expect("valid id");
+        let config = AgentConfig {
+            max_concurrency: 2,
+            capabilities: vec![Capability::new("scripts").expect("valid")],
+            ..AgentConfig::new(id.clone(), key)
+        };
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("randomness");
+        let session =
+            AgentSession::new(&config, now(), &mut Entropy::from_seed(seed), &binding).map_err(|e| e.to_string())?;
+        let mut agent = TestAgent { id, socket, session, events: Vec::new() };
+        agent.flush().await;
+        Ok(agent)
+    }
+
+    pub async fn connect(addr: std::net::SocketAddr, bundle: &Path) -> Result<TestAgent, String> {
+        let id = bundle.file_name().and_then(|n| n.to_str()).expect("bundle named after its agent").to_owned();
+        TestAgent::connect_as(addr, bundle, &id).await
+    }
+
+    /// Sends everything the session queued.
+    pub async fn flush(&mut self) {
+        while let Some(bytes) = self.session.poll_transmit() {
+            if self.socket.send(WsMessage::Binary(bytes.into())).await.is_err() {
+                self.session.connection_lost();
+                break;
+            }
+        }
+    }
+
+    /// Reads and handles messages until `done` holds for an event or `within` passes; returns
+    /// whether it held.
+    pub async fn until(&mut self, within: Duration, mut done: impl FnMut(&AgentEvent) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(event) = self.session.poll_event() {
+                let hit = done(&event);
+                self.events.push(event);
+                if hit {
+                    return true;
+                }
+            }
+            self.flush().await;
+            if self.session.is_closed() {
+                return false;
+            }
+            let next = tokio::time::timeout_at(deadline, self.socket.next()).await;
+            match next {
+                Err(_) => return false,
+                Ok(Some(Ok(WsMessage::Binary(bytes)))) => self.session.handle_message(now(), &bytes),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) => self.session.connection_lost(),
+            }
+            self.session.handle_timeout(now());
+        }
+    }
+
+    pub async fn established(&mut self) -> bool {
+        self.until(Duration::from_secs(5), |e| matches!(e, AgentEvent::Established { .. })).await
+    }
+
+    /// Sends raw bytes as one WebSocket message, bypassing the session.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        let _ = self.socket.send(WsMessage::Binary(bytes.into())).await;
+    }
+}
+
+/// Wall-clock time as the host reads it.
+pub fn now() -> Timestamp {
+    let millis =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Timestamp::from_millis(millis)
+}
+
+/// Polls `check` every 20 ms for up to `within`.
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A response read by [`http`].
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection, read to the end.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    extra_headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in extra_headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return Response { status: 0, headers: Vec::new(), body: String::new() };
+    };
+    stream.write_all(request.as_bytes()).await.expect("writes");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    Response { status, headers, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -191,6 +191,12 @@ impl<L: ExecutionLedger> ExecutionGuard<L> {
         &self.ledger
     }
 
+    /// The ledger, for upkeep such as pruning acknowledged entries. Changing what it says of
+    /// unfinished or unacknowledged commands breaks the guard's promise.
+    pub fn ledger_mut(&mut self) -> &mut L {
+        &mut self.ledger
+    }
+
     /// Commands running now.
     pub fn running(&self) -> usize {
         self.running.len()

@@ -1,4 +1,4 @@
-//! The host's clock: wall-clock time read once at start plus monotonic elapsed time, so that
+//! A monotonic wall clock: wall-clock time read once at start plus monotonic elapsed time, so that
 //! the timestamps handed to `viworks-core` never go backwards.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

@@ -102,7 +102,8 @@ pub struct Config {
     pub scripts_root: PathBuf,
     /// Commands run at once (1–64).
     pub max_concurrency: u32,
-    /// The default command timeout (1–3600 s).
+    /// The longest any command may run on this machine, whatever the host asks (1–3600 s,
+    /// default 3600: the host's per-verb limits apply). Lower it to bound commands locally.
     pub cmd_timeout: Duration,
     /// Telemetry interval (5–3600 s).
     pub telemetry_interval: Duration,
@@ -287,7 +288,7 @@ pub fn validate(settings: &Settings, now: SystemTime) -> Result<Validated, Vec<C
         }
     };
     let max_concurrency = number("MAX_CONCURRENCY", 4, 1, 64, &mut errors) as u32;
-    let cmd_timeout = Duration::from_secs(number("CMD_TIMEOUT_SECS", 45, 1, 3600, &mut errors));
+    let cmd_timeout = Duration::from_secs(number("CMD_TIMEOUT_SECS", 3600, 1, 3600, &mut errors));
     let telemetry_interval = Duration::from_secs(number("TELEMETRY_INTERVAL_SECS", 30, 5, 3600, &mut errors));
     let state_dir = PathBuf::from(settings.get("STATE_DIR").unwrap_or("/var/lib/viworks-agent"));
     if state_dir.is_relative() {

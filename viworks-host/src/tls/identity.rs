@@ -1,14 +1,10 @@
 //! What an accepted connection proves: the agent id its client certificate names, and the
 //! channel binding both ends derive from the TLS session (RFC 9266 `tls-exporter`).
 
-use rustls::{ConnectionCommon, ProtocolVersion};
 use viworks_core::auth::ChannelBinding;
 use viworks_core::wire::AgentId;
 
 use super::TlsError;
-
-/// The exporter label of RFC 9266.
-const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
 
 /// Most of a malformed common name worth putting in a log line.
 const MAX_REPORTED_NAME: usize = 160;
@@ -50,21 +46,8 @@ pub fn channel_binding_client(conn: &rustls::ClientConnection) -> Result<Channel
     channel_binding(conn)
 }
 
-fn channel_binding<Data>(conn: &ConnectionCommon<Data>) -> Result<ChannelBinding, TlsError> {
-    if conn.is_handshaking() {
-        return Err(TlsError::ChannelBinding { reason: "the TLS handshake has not completed".into() });
-    }
-    // RFC 9266 forbids the exporter on TLS 1.2 without extended master secret, which rustls
-    // does not let us check; our agents and host only speak 1.3, so insist on it.
-    if conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
-        return Err(TlsError::ChannelBinding {
-            reason: format!("TLS 1.3 is required, the connection uses {:?}", conn.protocol_version()),
-        });
-    }
-    let bytes = conn
-        .export_keying_material([0u8; 32], CHANNEL_BINDING_LABEL, None)
-        .map_err(|e| TlsError::ChannelBinding { reason: e.to_string() })?;
-    Ok(ChannelBinding(bytes))
+fn channel_binding<Data>(conn: &rustls::ConnectionCommon<Data>) -> Result<ChannelBinding, TlsError> {
+    viworks_gateway::tls::channel_binding(conn).map_err(|e| TlsError::ChannelBinding { reason: e.to_string() })
 }
 
 #[cfg(test)]

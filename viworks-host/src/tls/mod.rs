@@ -5,6 +5,7 @@
 //! All cryptography is rustls' `ring` provider, passed explicitly; no process-wide default
 //! provider is installed or relied on.
 
+#[cfg(test)]
 mod client;
 pub mod enroll;
 mod files;
@@ -16,24 +17,18 @@ mod server;
 mod test_support;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
 
-use rustls::crypto::CryptoProvider;
 use thiserror::Error;
 use viworks_core::auth::SpkiPin;
 use viworks_core::wire::IdError;
 
-pub use client::{PinReport, pinned_client_config};
 pub use enroll::{BundlePaths, write_bundle, write_bundle_with_validity};
 pub use identity::{agent_identity, channel_binding_client, channel_binding_server};
 pub use pki::{
     AGENT_CERT_LIFETIME, CA_LIFETIME, DataDirPaths, HOST_CERT_LIFETIME, InitOptions, IssuedAgent, Pki, Validity,
 };
 pub use server::{HandshakeFailure, agent_server_config, api_server_config};
-
-/// The ALPN protocol both endpoints speak: HTTP/1.1, over which the agent endpoint upgrades to
-/// WebSocket.
-pub const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
+pub use viworks_gateway::tls::{ALPN_HTTP_1_1, PinReport, mismatched_pin, pinned_client_config, provider};
 
 /// Why a TLS or PKI operation failed. Variants that involve a file name it, and each says
 /// what the operator can do about it.
@@ -166,15 +161,6 @@ pub enum TlsError {
         /// Why (handshake not finished, not TLS 1.3, exporter failure).
         reason: String,
     },
-    /// The server's certificate chain is valid, but its key matches neither configured pin.
-    #[error(
-        "the server's public key {got} matches neither the primary nor the backup SPKI pin; \
-         check VIW_AGENT_BACKEND_SPKI_PIN against `viworks-host pin host.crt`"
-    )]
-    PinMismatch {
-        /// The pin of the key the server presented.
-        got: SpkiPin,
-    },
     /// A value destined for the agent's environment file is unsafe or malformed.
     #[error("invalid {key}: {reason}")]
     BadBundleValue {
@@ -189,13 +175,6 @@ impl TlsError {
     fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
         TlsError::Io { action, path: path.to_path_buf(), source }
     }
-}
-
-/// The one crypto provider of this crate: rustls' `ring` provider, built once.
-fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
-    Arc::clone(&PROVIDER)
 }
 
 /// The SPKI pin of the first certificate in the PEM file at `path`, as `viworks-host pin CERT`

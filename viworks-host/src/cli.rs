@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use viworks_core::wire::AgentId;
 
 use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
+use crate::local_agent::{self, LocalAgent};
 use crate::store::{AgentRecord, ChainVerdict, Role, Store};
 use crate::tls::{self, InitOptions, Pki};
 use crate::{HostError, clock};
@@ -218,15 +219,20 @@ fn init_logging(config: &Config) {
     };
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not when the future is
+/// first polled, so a signal that arrives while the caller is still starting up is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the host still stops with the process.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the host still stops with the process.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -250,6 +256,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
         Command::Up { config, api_addr, agent_addr } => {
             let config = load_config(&config, api_addr, agent_addr)?;
             init_logging(&config);
+            let shutdown = shutdown_signal();
             let token_file = config.data_dir.join("admin.token");
             let admin_token = if config.data_dir.join("ca.crt").exists() {
                 std::fs::read_to_string(&token_file).map(|t| t.trim().to_owned()).unwrap_or_default()
@@ -258,15 +265,38 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
                 write_private(&token_file, &initialized.admin_token)?;
                 initialized.admin_token
             };
+            let store = crate::open_store(&config.store).await?;
+            let enrolled = local_agent::ensure_enrolled(&config, &store).await;
+            store.close().await;
+            let local = enrolled?;
             let host = crate::start(&config).await?;
-            println!("api=http://{}", host.api_addr);
+            let scheme = if config.api_tls { "https" } else { "http" };
+            println!("api={scheme}://{}", host.api_addr);
             println!("agents={}", crate::agents::describe(host.agent_addr));
             if admin_token.is_empty() {
                 println!("admin_token=(see `viworks-host token create --role admin`)");
             } else {
                 println!("admin_token={admin_token}");
             }
-            shutdown_signal().await;
+            let agent = LocalAgent::start(&local, host.agent_addr.port())?;
+            match local_agent::first_round_trip(host.control(), &agent.agent_id).await {
+                Ok(trip) => {
+                    println!("local_agent={}", agent.agent_id);
+                    println!(
+                        "first_round_trip=get_system_health command={} status={} ms={}",
+                        trip.command_id,
+                        trip.status,
+                        trip.elapsed.as_millis()
+                    );
+                    println!("{}", summary(&trip.output));
+                }
+                Err(reason) => {
+                    tracing::error!(reason = %reason, "the first round trip with the local agent failed");
+                    println!("first_round_trip=failed reason={reason:?}");
+                }
+            }
+            shutdown.await;
+            agent.stop().await;
             host.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -343,6 +373,21 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One line about the machine from a `get_system_health` output.
+fn summary(output: &serde_json::Value) -> String {
+    let number = |pointer: &str| output.pointer(pointer).and_then(serde_json::Value::as_f64);
+    let gib =
+        |bytes: Option<f64>| bytes.map(|b| format!("{:.1}", b / (1u64 << 30) as f64)).unwrap_or_else(|| "?".into());
+    format!(
+        "health cpus={} cpu_pct={} mem_used_gib={} mem_total_gib={} load1={}",
+        number("/cpu_count").map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+        number("/cpu_percent").map(|n| format!("{n:.1}")).unwrap_or_else(|| "?".into()),
+        gib(number("/memory_used_bytes")),
+        gib(number("/memory_total_bytes")),
+        number("/load/0").map(|n| format!("{n:.2}")).unwrap_or_else(|| "?".into()),
+    )
 }
 
 /// Records an operator action taken through the command line in the audit chain.

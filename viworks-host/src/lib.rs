@@ -8,9 +8,11 @@ pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod cli;
-pub mod clock;
+/// The monotonic wall clock shared with the agent.
+pub use viworks_gateway::clock;
 pub mod config;
 pub mod control;
+pub mod local_agent;
 pub mod metrics;
 pub mod store;
 pub mod tls;

@@ -56,3 +56,47 @@ fn pin_prints_the_spki_pin_of_the_host_certificate() {
     let pin = host().arg("pin").arg(data.join("host.crt")).output().expect("runs");
     assert_eq!(String::from_utf8_lossy(&pin.stdout).trim(), expected);
 }
+
+/// The README's one-command start: a fresh data directory, the host, a local agent and the
+/// first round trip printed; then a clean stop on SIGTERM. Started twice, to show that a
+/// second `up` on the same directory reuses what the first made.
+#[test]
+fn up_starts_the_host_and_a_local_agent_and_prints_the_first_round_trip() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    for run in 0..2 {
+        let mut child = host()
+            .args(["up", "--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("VIW_HOST_LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (lines, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let mut printed = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !printed.iter().any(|l: &String| l.starts_with("health ")) && std::time::Instant::now() < deadline {
+            if let Ok(line) = seen.recv_timeout(std::time::Duration::from_millis(200)) {
+                printed.push(line);
+            }
+        }
+        let trip = printed.iter().find(|l| l.starts_with("first_round_trip=")).cloned().unwrap_or_default();
+        assert!(trip.contains("status=succeeded"), "run {run}: {printed:?}");
+        assert!(printed.iter().any(|l| l == "local_agent=local-agent"), "{printed:?}");
+        assert!(printed.iter().any(|l| l.starts_with("admin_token=vwk_")), "{printed:?}");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signalled");
+        let status = child.wait().expect("exits");
+        assert_eq!(status.code(), Some(0), "run {run}: a clean stop");
+    }
+}

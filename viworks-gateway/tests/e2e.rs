@@ -21,7 +21,14 @@ async fn fleet_with_gateway(id: &str) -> (Fleet, Gateway) {
 
 #[tokio::test]
 async fn a_health_round_trip_completes_and_is_persisted_in_under_two_seconds() {
-    let (fleet, gateway) = fleet_with_gateway("gw-health").await;
+    let mut fleet = Fleet::new();
+    let bundle = fleet.enroll("gw-health");
+    fleet.start_host().await;
+    let mut gateway = Gateway::new(&fleet, bundle);
+    let liveness = support::free_addr();
+    gateway.set("VIW_AGENT_HEALTH_ADDR", &liveness.to_string());
+    gateway.start();
+    assert!(fleet.wait_online("gw-health", ONLINE).await, "{}", gateway.log());
     let started = Instant::now();
     let id = fleet.submit("gw-health", "get_system_health", serde_json::json!({}), 10).await;
     let command = fleet.result(&id, Duration::from_secs(10)).await;
@@ -32,6 +39,27 @@ async fn a_health_round_trip_completes_and_is_persisted_in_under_two_seconds() {
     assert!(output["cpu_count"].as_u64().unwrap_or(0) > 0, "{output}");
     assert!(elapsed < Duration::from_secs(2), "round trip took {elapsed:?}");
     assert!(gateway.log().contains("session established"), "{}", gateway.log());
+
+    // The HELLO announced what this machine has: scripts, no engine (CONTAINER_ENGINE=none).
+    let agent = support::http(fleet.api, "GET", "/api/v1/agents/gw-health", Some(&fleet.admin_token), &[], None).await;
+    let capabilities = agent.json()["capabilities"].clone();
+    assert!(capabilities.as_array().is_some_and(|c| c.iter().any(|v| v == "scripts")), "{capabilities}");
+    assert!(!capabilities.as_array().is_some_and(|c| c.iter().any(|v| v == "docker")), "{capabilities}");
+
+    // The liveness endpoint, on loopback.
+    let live = support::http(liveness, "GET", "/health", None, &[], None).await;
+    assert_eq!(live.status, 200, "{}", live.body);
+    assert_eq!(live.json()["agent"]["connected"], true, "{}", live.body);
+    assert!(live.json()["agent"]["executed"].as_u64().unwrap_or(0) >= 1, "{}", live.body);
+
+    // Telemetry arrives within one interval (5 s here) and is stored.
+    let telemetry = async || {
+        let latest =
+            support::http(fleet.api, "GET", "/api/v1/telemetry/gw-health/latest", Some(&fleet.admin_token), &[], None)
+                .await;
+        latest.body.contains("cpu.usage_pct") && latest.body.contains("mem.used_bytes")
+    };
+    assert!(eventually(Duration::from_secs(15), telemetry).await, "telemetry stored");
 }
 
 #[tokio::test]

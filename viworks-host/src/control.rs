@@ -43,6 +43,12 @@ impl EnrolledKeys {
         }
     }
 
+    /// Whether `agent` is known here, enrolled or revoked. An agent enrolled by another
+    /// process (the CLI, another host instance) is unknown until [`EnrolledKeys::set`].
+    pub fn knows(&self, agent: &AgentId) -> bool {
+        self.enrolled.read().map(|enrolled| enrolled.contains_key(agent)).unwrap_or(false)
+    }
+
     /// The agent key of `agent`, enrolled or not (for enrollment bundles).
     pub fn derive(&self, agent: &AgentId) -> AgentKey {
         AgentKey::derive(&self.master, agent)

@@ -54,6 +54,17 @@ async fn an_agent_registers_and_is_listed_online_within_a_second() {
 }
 
 #[tokio::test]
+async fn an_agent_enrolled_by_another_process_while_the_host_runs_is_admitted() {
+    let fleet = Fleet::new().await;
+    let host = viworks_host::start(&fleet.config).await.expect("starts");
+    // Fleet::enroll writes through its own store handle, as the CLI does.
+    let bundle = fleet.enroll("gw-late").await;
+    let mut agent = TestAgent::connect(host.agent_addr, &bundle).await.expect("connects");
+    assert!(agent.established().await, "events: {:?}", agent.events);
+    host.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_second_connection_with_the_same_agent_id_is_refused_and_audited() {
     let fleet = Fleet::new().await;
     let bundle = fleet.enroll("gw-1").await;

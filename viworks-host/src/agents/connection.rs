@@ -119,6 +119,16 @@ impl<S: Store + Clone> Connection<S> {
                 _ => return None,
             }
         };
+        // An agent enrolled since this host started (by `viworks-host agent enroll`, another
+        // process) is not in the key table yet. Its certificate is our CA's word that it was
+        // enrolled, so one store read is justified: look it up rather than refuse it.
+        if !self.control.keys().knows(&identity) {
+            match self.control.store().agent(&identity).await {
+                Ok(Some(record)) => self.control.keys().set(identity.clone(), record.revoked),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(agent = %identity, %error, "looking up an unknown agent failed"),
+            }
+        }
         match self.control.accept(&hello, &identity, &binding) {
             Ok(session) => Some((socket, session)),
             Err(refusal) => {

@@ -4,10 +4,13 @@
 //! Every write is durable when its future resolves: the host replies 202 to a submission and
 //! acknowledges a result to an agent only after the corresponding call returned `Ok`.
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod contract;
+#[cfg(test)]
+pub(crate) mod pg_cluster;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1934,7 +1934,11 @@ mod tests {
     }
 
     mod contract_sqlite {
-        crate::store::contract::store_contract_tests!(super::fresh);
+        async fn fresh() -> Option<(super::SqliteStore, tempfile::TempDir)> {
+            Some(super::fresh().await)
+        }
+
+        crate::store::contract::store_contract_tests!(fresh);
     }
 
     fn audit(n: u64) -> NewAudit {

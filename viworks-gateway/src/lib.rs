@@ -83,3 +83,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     agent.run(shutdown).await;
     Ok(())
 }
+
+/// Completes on SIGTERM (systemd's stop) or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives while the caller is
+/// still starting up is not lost. Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without handlers the default disposition still stops the process.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+}

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         }
     };
     let run = async {
-        let shutdown = shutdown_signal();
+        let shutdown = viworks_gateway::shutdown_signal();
         viworks_gateway::run(config, shutdown).await
     };
     match runtime.block_on(run) {
@@ -79,21 +79,5 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
-    }
-}
-
-/// SIGTERM (systemd's stop) or SIGINT, with the handlers installed before the agent starts.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move {
-        let (Ok(mut term), Ok(mut int)) = handlers else {
-            // Without handlers the default disposition still stops the process.
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use viworks_core::wire::AgentId;
+use viworks_gateway::shutdown_signal;
 
 use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
 use crate::local_agent::{self, LocalAgent};
@@ -219,23 +220,6 @@ fn init_logging(config: &Config) {
     };
 }
 
-/// SIGTERM or SIGINT. The handlers are installed when this is called, not when the future is
-/// first polled, so a signal that arrives while the caller is still starting up is not lost.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    async move {
-        let (Ok(mut term), Ok(mut int)) = handlers else {
-            // Without signal handlers the host still stops with the process.
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }
-}
-
 async fn execute(command: Command) -> Result<ExitCode, HostError> {
     match command {
         Command::Init { config, host_names } => {
@@ -306,19 +290,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
             let pki = Pki::load(&config.data_dir)?;
             let store = crate::open_store(&config.store).await?;
             let now = clock::Clock::start().now();
-            let record = AgentRecord {
-                agent_id: agent_id.clone(),
-                site: site.clone(),
-                hostname: String::new(),
-                version: String::new(),
-                capabilities: Vec::new(),
-                max_concurrency: 0,
-                revoked: false,
-                maintenance: false,
-                enrolled_at: now,
-                last_seen: None,
-                connected: false,
-            };
+            let record = AgentRecord::enrolled(agent_id.clone(), site.clone(), now);
             let backend_url = backend_url.unwrap_or_else(|| config.public_url.clone());
             if store.agent(&agent_id).await?.is_some() {
                 store.close().await;

@@ -68,19 +68,7 @@ pub async fn ensure_enrolled<S: Store>(config: &Config, store: &S) -> Result<Loc
         if !paths.bundle.join("agent.env").exists() {
             tls::write_bundle(&pki, &id, "local", &config.public_url, &paths.bundle)?;
         }
-        let record = AgentRecord {
-            agent_id: id.clone(),
-            site: "local".to_owned(),
-            hostname: String::new(),
-            version: String::new(),
-            capabilities: Vec::new(),
-            max_concurrency: 0,
-            revoked: false,
-            maintenance: false,
-            enrolled_at: Clock::start().now(),
-            last_seen: None,
-            connected: false,
-        };
+        let record = AgentRecord::enrolled(id.clone(), "local", Clock::start().now());
         store.enroll_agent(&record).await?;
     }
     write_scripts(&paths.scripts)?;

@@ -4,6 +4,7 @@
 //! Every write is durable when its future resolves: the host replies 202 to a submission and
 //! acknowledges a result to an agent only after the corresponding call returned `Ok`.
 
+mod columns;
 pub mod postgres;
 pub mod sqlite;
 
@@ -81,6 +82,25 @@ pub struct AgentRecord {
     pub last_seen: Option<Timestamp>,
     /// Whether its last recorded event was a connect (the live registry is authoritative).
     pub connected: bool,
+}
+
+impl AgentRecord {
+    /// A newly enrolled agent of `site`: never connected, neither revoked nor in maintenance.
+    pub fn enrolled(agent_id: AgentId, site: impl Into<String>, at: Timestamp) -> AgentRecord {
+        AgentRecord {
+            agent_id,
+            site: site.into(),
+            hostname: String::new(),
+            version: String::new(),
+            capabilities: Vec::new(),
+            max_concurrency: 0,
+            revoked: false,
+            maintenance: false,
+            enrolled_at: at,
+            last_seen: None,
+            connected: false,
+        }
+    }
 }
 
 /// Which agents to list.

@@ -9,12 +9,9 @@
 //! ```
 
 use std::collections::HashMap;
-use std::str::FromStr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{IsolationLevel, NoTls, Row};
@@ -24,10 +21,12 @@ use viworks_core::idempotency::{
     ResultDigest, classify_result, resolve,
 };
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, NewCommand, Terminal};
-use viworks_core::wire::{
-    AgentId, CommandId, CommandResult, Hello, IdError, MetricKey, ResultError, ResultStatus, Verb,
-};
+use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, ResultError, ResultStatus, Verb};
 
+use super::columns::{
+    as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from, session_sql,
+    status_name, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+};
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, ChainVerdict, CommandFilter, DeadLetterRow, JobInsert,
     JobRecord, NewAudit, Role, Store, StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery,
@@ -215,7 +214,8 @@ impl PostgresStore {
     /// Fails with [`StoreError::Database`] when the URL is invalid or the database cannot be
     /// reached or migrated, and with [`StoreError::SchemaTooNew`] when a newer build migrated it.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
+        let config = url
+            .parse::<tokio_postgres::Config>()
             .map_err(|e| StoreError::Database(format!("invalid Postgres connection string: {e}")))?;
         Self::connect_with(config, options).await
     }
@@ -339,84 +339,12 @@ fn insert_error(e: &tokio_postgres::Error, what: impl FnOnce(&str) -> String) ->
     }
 }
 
-fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { table, detail: detail.into() }
-}
-
 /// Column `index` of `row`: a value of the wrong type or an unexpected NULL is a corrupt row.
 fn get<'a, T: FromSql<'a>>(row: &'a Row, index: usize, table: &'static str) -> Result<T, StoreError> {
     row.try_get(index).map_err(|e| {
         let column = row.columns().get(index).map_or("?", |c| c.name());
         corrupt(table, format!("column {column}: {e}"))
     })
-}
-
-fn now() -> Timestamp {
-    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    Timestamp::from_millis(millis)
-}
-
-/// A `u64` as a BIGINT, as in the SQLite store: values past `i64::MAX` saturate there, and
-/// `i64::MAX` reads back as `u64::MAX`, so order is kept and `u64::MAX` round-trips.
-fn u64_sql(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn u64_from(value: i64, table: &'static str, column: &str) -> Result<u64, StoreError> {
-    if value == i64::MAX {
-        return Ok(u64::MAX);
-    }
-    u64::try_from(value).map_err(|_| corrupt(table, format!("{column} is negative ({value})")))
-}
-
-fn ts_sql(ts: Timestamp) -> i64 {
-    u64_sql(ts.as_millis())
-}
-
-fn ts_from(value: i64, table: &'static str, column: &str) -> Result<Timestamp, StoreError> {
-    u64_from(value, table, column).map(Timestamp::from_millis)
-}
-
-fn u32_from(value: i64, table: &'static str, column: &str) -> Result<u32, StoreError> {
-    u32::try_from(value).map_err(|_| corrupt(table, format!("{column} is out of range ({value})")))
-}
-
-/// A session number is an opaque identity, not a quantity: its bits are stored as they are.
-fn session_sql(session: u64) -> i64 {
-    i64::from_ne_bytes(session.to_ne_bytes())
-}
-
-fn session_from(value: i64) -> u64 {
-    u64::from_ne_bytes(value.to_ne_bytes())
-}
-
-fn millis_of(span: Duration) -> u64 {
-    u64::try_from(span.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Database(format!("cannot encode JSON: {e}")))
-}
-
-fn json_from<T: DeserializeOwned>(text: &str, table: &'static str, column: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt(table, format!("{column} is not valid JSON of its type: {e}")))
-}
-
-fn id_from<T: FromStr<Err = IdError>>(text: &str, table: &'static str, column: &str) -> Result<T, StoreError> {
-    text.parse().map_err(|e| corrupt(table, format!("{column} {text:?}: {e}")))
-}
-
-/// A list limit: 0 means 100, anything above `cap` means `cap`.
-fn limit_sql(limit: usize, cap: usize) -> i64 {
-    let limit = if limit == 0 { 100 } else { limit.min(cap) };
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-fn status_name(status: ResultStatus) -> String {
-    match serde_json::to_value(status) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{status:?}"),
-    }
 }
 
 /// The second half of a two-key advisory lock for an idempotency key.
@@ -717,18 +645,6 @@ fn decode_audit(row: &Row) -> Result<AuditEntry, StoreError> {
         prev_hash: get(row, 10, T)?,
         hash: get(row, 11, T)?,
     })
-}
-
-/// `entry` as it will read back from its row, so that the hash computed before the insert is
-/// the hash of what verification later reads.
-fn as_stored(mut entry: NewAudit) -> NewAudit {
-    entry.ts = Timestamp::from_millis(stored_u64(entry.ts.as_millis()));
-    entry.duration_ms = stored_u64(entry.duration_ms);
-    entry
-}
-
-fn stored_u64(value: u64) -> u64 {
-    if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
 }
 
 fn decode_telemetry(row: &Row) -> Result<TelemetryRow, StoreError> {

@@ -10,16 +10,13 @@
 //! lets many concurrent writers share the disk's few flushes per second.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use viworks_core::Timestamp;
 use viworks_core::idempotency::{
@@ -27,10 +24,12 @@ use viworks_core::idempotency::{
     ResultDigest, classify_result, resolve,
 };
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, NewCommand, Terminal};
-use viworks_core::wire::{
-    AgentId, CommandId, CommandResult, Hello, IdError, MetricKey, ResultError, ResultStatus, Verb,
-};
+use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, ResultError, ResultStatus, Verb};
 
+use super::columns::{
+    as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from, session_sql,
+    status_name, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+};
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, ChainVerdict, CommandFilter, DeadLetterRow, JobInsert,
     JobRecord, NewAudit, Role, Store, StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery,
@@ -643,80 +642,6 @@ fn insert_error(e: rusqlite::Error, what: impl FnOnce(&rusqlite::Error) -> Strin
     if is_unique_violation(&e) { StoreError::Exists(what(&e)) } else { StoreError::Database(e.to_string()) }
 }
 
-fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { table, detail: detail.into() }
-}
-
-fn now() -> Timestamp {
-    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    Timestamp::from_millis(millis)
-}
-
-/// A `u64` as an SQLite INTEGER. Values past `i64::MAX` saturate there, and `i64::MAX` reads
-/// back as `u64::MAX`: order is kept, and the far-future times saturating arithmetic produces
-/// (`u64::MAX`) round-trip exactly. Only values in `i64::MAX..u64::MAX` (ages past 292
-/// million years) are not kept exactly.
-fn u64_sql(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn u64_from(value: i64, table: &'static str, column: &str) -> Result<u64, StoreError> {
-    if value == i64::MAX {
-        return Ok(u64::MAX);
-    }
-    u64::try_from(value).map_err(|_| corrupt(table, format!("{column} is negative ({value})")))
-}
-
-fn ts_sql(ts: Timestamp) -> i64 {
-    u64_sql(ts.as_millis())
-}
-
-fn ts_from(value: i64, table: &'static str, column: &str) -> Result<Timestamp, StoreError> {
-    u64_from(value, table, column).map(Timestamp::from_millis)
-}
-
-fn u32_from(value: i64, table: &'static str, column: &str) -> Result<u32, StoreError> {
-    u32::try_from(value).map_err(|_| corrupt(table, format!("{column} is out of range ({value})")))
-}
-
-/// A session number is an opaque identity, not a quantity: its bits are stored as they are.
-fn session_sql(session: u64) -> i64 {
-    i64::from_ne_bytes(session.to_ne_bytes())
-}
-
-fn session_from(value: i64) -> u64 {
-    u64::from_ne_bytes(value.to_ne_bytes())
-}
-
-fn millis_of(span: Duration) -> u64 {
-    u64::try_from(span.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Database(format!("cannot encode JSON: {e}")))
-}
-
-fn json_from<T: DeserializeOwned>(text: &str, table: &'static str, column: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| corrupt(table, format!("{column} is not valid JSON of its type: {e}")))
-}
-
-fn id_from<T: FromStr<Err = IdError>>(text: &str, table: &'static str, column: &str) -> Result<T, StoreError> {
-    text.parse().map_err(|e| corrupt(table, format!("{column} {text:?}: {e}")))
-}
-
-/// A list limit: 0 means 100, anything above `cap` means `cap`.
-fn limit_sql(limit: usize, cap: usize) -> i64 {
-    let limit = if limit == 0 { 100 } else { limit.min(cap) };
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-fn status_name(status: ResultStatus) -> String {
-    match serde_json::to_value(status) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{status:?}"),
-    }
-}
-
 /// Collects `sql`'s rows, read by `read` and checked by `decode`.
 fn collect<R, T>(
     conn: &Connection,
@@ -1190,18 +1115,6 @@ impl AuditRow {
             hash: self.hash,
         })
     }
-}
-
-/// `entry` as it will read back from its row, so that the hash computed before the insert is
-/// the hash of what verification later reads.
-fn as_stored(mut entry: NewAudit) -> NewAudit {
-    entry.ts = Timestamp::from_millis(stored_u64(entry.ts.as_millis()));
-    entry.duration_ms = stored_u64(entry.duration_ms);
-    entry
-}
-
-fn stored_u64(value: u64) -> u64 {
-    if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
 }
 
 // ---------------------------------------------------------------------------------------------

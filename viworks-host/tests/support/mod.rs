@@ -64,22 +64,7 @@ impl Fleet {
         tls::write_bundle_with_validity(&self.pki(), &id, "test", "wss://localhost:1/ws/agent", &out, validity)
             .expect("bundle");
         let store = viworks_host::open_store(&self.config.store).await.expect("store");
-        store
-            .enroll_agent(&AgentRecord {
-                agent_id: id,
-                site: "test".into(),
-                hostname: String::new(),
-                version: String::new(),
-                capabilities: Vec::new(),
-                max_concurrency: 0,
-                revoked: false,
-                maintenance: false,
-                enrolled_at: Timestamp::from_millis(1),
-                last_seen: None,
-                connected: false,
-            })
-            .await
-            .expect("enroll");
+        store.enroll_agent(&AgentRecord::enrolled(id, "test", Timestamp::from_millis(1))).await.expect("enroll");
         store.close().await;
         out
     }

@@ -108,19 +108,7 @@ pub(super) async fn enroll<S: Store + Clone>(state: &ApiState<S>, call: &mut Cal
         tracing::error!(%error, agent = %agent_id, "issuing an agent certificate failed");
         ApiError::Internal
     })?;
-    let record = AgentRecord {
-        agent_id: agent_id.clone(),
-        site: request.site.clone(),
-        hostname: String::new(),
-        version: String::new(),
-        capabilities: Vec::new(),
-        max_concurrency: 0,
-        revoked: false,
-        maintenance: false,
-        enrolled_at: state.control.now(),
-        last_seen: None,
-        connected: false,
-    };
+    let record = AgentRecord::enrolled(agent_id.clone(), request.site.clone(), state.control.now());
     match store.enroll_agent(&record).await {
         Ok(()) => {}
         Err(StoreError::Exists(_)) => return Err(ApiError::Conflict(format!("agent {agent_id} is enrolled already"))),

@@ -1,0 +1,104 @@
+//! Column conversions both stores share: how numbers, times, ids and JSON are written to a
+//! column and read back, and how a value that cannot be read back becomes
+//! [`StoreError::Corrupt`] rather than a panic. Both databases store `u64`s as signed 64-bit
+//! integers, so both use the same saturating mapping and read each other's rules back.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use viworks_core::Timestamp;
+use viworks_core::wire::{IdError, ResultStatus};
+
+use super::{NewAudit, StoreError};
+
+pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { table, detail: detail.into() }
+}
+
+pub(super) fn now() -> Timestamp {
+    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    Timestamp::from_millis(millis)
+}
+
+/// A `u64` as an SQLite INTEGER. Values past `i64::MAX` saturate there, and `i64::MAX` reads
+/// back as `u64::MAX`: order is kept, and the far-future times saturating arithmetic produces
+/// (`u64::MAX`) round-trip exactly. Only values in `i64::MAX..u64::MAX` (ages past 292
+/// million years) are not kept exactly.
+pub(super) fn u64_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(super) fn u64_from(value: i64, table: &'static str, column: &str) -> Result<u64, StoreError> {
+    if value == i64::MAX {
+        return Ok(u64::MAX);
+    }
+    u64::try_from(value).map_err(|_| corrupt(table, format!("{column} is negative ({value})")))
+}
+
+pub(super) fn ts_sql(ts: Timestamp) -> i64 {
+    u64_sql(ts.as_millis())
+}
+
+pub(super) fn ts_from(value: i64, table: &'static str, column: &str) -> Result<Timestamp, StoreError> {
+    u64_from(value, table, column).map(Timestamp::from_millis)
+}
+
+pub(super) fn u32_from(value: i64, table: &'static str, column: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|_| corrupt(table, format!("{column} is out of range ({value})")))
+}
+
+/// A session number is an opaque identity, not a quantity: its bits are stored as they are.
+pub(super) fn session_sql(session: u64) -> i64 {
+    i64::from_ne_bytes(session.to_ne_bytes())
+}
+
+pub(super) fn session_from(value: i64) -> u64 {
+    u64::from_ne_bytes(value.to_ne_bytes())
+}
+
+pub(super) fn millis_of(span: Duration) -> u64 {
+    u64::try_from(span.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(super) fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Database(format!("cannot encode JSON: {e}")))
+}
+
+pub(super) fn json_from<T: DeserializeOwned>(text: &str, table: &'static str, column: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, format!("{column} is not valid JSON of its type: {e}")))
+}
+
+pub(super) fn id_from<T: FromStr<Err = IdError>>(
+    text: &str,
+    table: &'static str,
+    column: &str,
+) -> Result<T, StoreError> {
+    text.parse().map_err(|e| corrupt(table, format!("{column} {text:?}: {e}")))
+}
+
+/// A list limit: 0 means 100, anything above `cap` means `cap`.
+pub(super) fn limit_sql(limit: usize, cap: usize) -> i64 {
+    let limit = if limit == 0 { 100 } else { limit.min(cap) };
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+pub(super) fn status_name(status: ResultStatus) -> String {
+    match serde_json::to_value(status) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{status:?}"),
+    }
+}
+
+/// `entry` as it will read back from its row, so that the hash computed before the insert is
+/// the hash of what verification later reads.
+pub(super) fn as_stored(mut entry: NewAudit) -> NewAudit {
+    entry.ts = Timestamp::from_millis(stored_u64(entry.ts.as_millis()));
+    entry.duration_ms = stored_u64(entry.duration_ms);
+    entry
+}
+
+pub(super) fn stored_u64(value: u64) -> u64 {
+    if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
+}

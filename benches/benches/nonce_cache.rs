@@ -1,0 +1,111 @@
+//! The HELLO nonce cache: check+insert of fresh nonces with 10k and 1M nonces live, and the
+//! refusal path of one agent flooding HELLOs past its quota.
+//!
+//! The live count is held steady: the clock moves forward by one millisecond every
+//! `live / window_ms` checks, so each check inserts one nonce and (amortised) evicts one.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use viworks_benches::{agent_id, at, nonce};
+use viworks_core::Entropy;
+use viworks_core::auth::{NonceCache, NonceCacheConfig, NonceOutcome, SkewWindow};
+use viworks_core::wire::AgentId;
+
+/// The skew window; nonces live this long.
+const WINDOW: Duration = Duration::from_secs(10);
+/// Nonces each honest agent holds at once, well under its quota.
+const LIVE_PER_AGENT: usize = 16;
+/// The per-agent quota.
+const QUOTA: usize = 64;
+
+/// A cache kept at `live` nonces by honest agents taking turns.
+struct SteadyCache {
+    cache: NonceCache,
+    agents: Vec<AgentId>,
+    checks_per_ms: u64,
+    next: u64,
+}
+
+impl SteadyCache {
+    /// Fills a cache sized for `live` nonces (plus room for one millisecond of arrivals and
+    /// slack) until it holds `live`, the same way the benchmark then keeps it there.
+    fn filled(live: usize) -> Self {
+        let window_ms = WINDOW.as_millis() as u64;
+        let config = NonceCacheConfig {
+            capacity: live + live / 8,
+            per_agent_quota: QUOTA,
+            max_agents: live + live / 8,
+            window: SkewWindow::new(WINDOW),
+        };
+        let cache = NonceCache::new(config, &mut Entropy::from_u64(1)).expect("a valid configuration");
+        let agents = (0..live / LIVE_PER_AGENT).map(|n| agent_id(&format!("gw-{n:07}"))).collect();
+        let mut steady = SteadyCache { cache, agents, checks_per_ms: (live as u64 / window_ms).max(1), next: 0 };
+        for _ in 0..live {
+            assert_eq!(steady.check(), NonceOutcome::Fresh, "filling takes every nonce");
+        }
+        let held = steady.cache.len();
+        assert!(held >= live - live / 100 && held <= live + live / 100, "{held} nonces live, wanted {live}");
+        let mib = steady.cache.allocated_bytes() as f64 / (1024.0 * 1024.0);
+        println!("nonce cache: {held} nonces live from {} agents, {mib:.1} MiB allocated", steady.cache.agents());
+        steady
+    }
+
+    /// One check of a fresh nonce from the next agent in turn, stamped now.
+    fn check(&mut self) -> NonceOutcome {
+        let n = self.next;
+        self.next += 1;
+        let now = at(n / self.checks_per_ms);
+        let agent = &self.agents[(n % self.agents.len() as u64) as usize];
+        self.cache.check(agent, &nonce(n), now, now)
+    }
+}
+
+fn check_and_insert(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nonce_cache/check_insert_fresh");
+    group.throughput(Throughput::Elements(1));
+    for live in [10_000, 1_000_000] {
+        let mut steady = SteadyCache::filled(live);
+        group.bench_with_input(BenchmarkId::from_parameter(format!("{live}_live")), &live, |b, _| {
+            b.iter(|| {
+                let outcome = steady.check();
+                assert_eq!(outcome, NonceOutcome::Fresh);
+                black_box(outcome)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn flood_over_quota(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nonce_cache/flood_over_quota");
+    group.throughput(Throughput::Elements(1));
+    for live in [10_000, 1_000_000] {
+        let mut steady = SteadyCache::filled(live);
+        let flooder = agent_id("flooder");
+        // The clock stands still from here: the flooder's nonces never expire.
+        let now = at(steady.next / steady.checks_per_ms);
+        let mut n = u64::MAX / 2;
+        for _ in 0..QUOTA {
+            n += 1;
+            assert_eq!(steady.cache.check(&flooder, &nonce(n), now, now), NonceOutcome::Fresh);
+        }
+        group.bench_with_input(BenchmarkId::from_parameter(format!("{live}_live")), &live, |b, _| {
+            b.iter(|| {
+                n += 1;
+                let outcome = steady.cache.check(&flooder, &nonce(n), now, now);
+                assert_eq!(outcome, NonceOutcome::OverQuota);
+                black_box(outcome)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    check_and_insert(&mut c);
+    flood_over_quota(&mut c);
+    c.final_summary();
+}

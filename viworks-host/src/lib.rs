@@ -28,6 +28,8 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigError, StoreUrl};
 use crate::control::Control;
 use crate::metrics::Metrics;
+use crate::store::AnyStore;
+use crate::store::postgres::{PostgresOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Role, Store, StoreError, TokenRecord};
 use crate::tls::{InitOptions, Pki, TlsError};
@@ -56,9 +58,6 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
-    /// This build cannot do what the configuration asks.
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// A host running in this process.
@@ -67,15 +66,15 @@ pub struct RunningHost {
     pub api_addr: SocketAddr,
     /// Where agents connect.
     pub agent_addr: SocketAddr,
-    control: Control<SqliteStore>,
-    store: SqliteStore,
+    control: Control<AnyStore>,
+    store: AnyStore,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
 }
 
 impl RunningHost {
     /// The control plane, for tests and tooling.
-    pub fn control(&self) -> &Control<SqliteStore> {
+    pub fn control(&self) -> &Control<AnyStore> {
         &self.control
     }
 
@@ -94,11 +93,11 @@ impl RunningHost {
 }
 
 /// Opens the configured store.
-pub async fn open_store(url: &StoreUrl) -> Result<SqliteStore, HostError> {
+pub async fn open_store(url: &StoreUrl) -> Result<AnyStore, HostError> {
     match url {
-        StoreUrl::Sqlite(path) => Ok(SqliteStore::open(path)?),
-        StoreUrl::Postgres(_) => {
-            Err(HostError::Unsupported("the Postgres store is not in this build yet; use sqlite://PATH (the default)"))
+        StoreUrl::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(path)?)),
+        StoreUrl::Postgres(url) => {
+            Ok(AnyStore::Postgres(PostgresStore::connect(url, PostgresOptions::default()).await?))
         }
     }
 }
@@ -206,4 +205,48 @@ pub async fn create_token<S: Store>(store: &S, role: Role, name: &str) -> Result
 /// The stored form of an API token: BLAKE3 of its text, hex.
 pub fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, Overrides};
+    use crate::store::AgentFilter;
+
+    /// The host started on a Postgres URL: the PKI on disk, everything else in Postgres.
+    #[tokio::test]
+    async fn a_host_starts_and_serves_on_postgres() {
+        let Some((pg, _name)) = store::pg_cluster::fresh_database().await else { return };
+        let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port), Some(user), Some(db)) =
+            (pg.get_hosts().first(), pg.get_ports().first(), pg.get_user(), pg.get_dbname())
+        else {
+            panic!("the test cluster is reached over TCP");
+        };
+        let url = format!("postgres://{user}@{host}:{port}/{db}");
+        let dir = tempfile::tempdir().expect("dir");
+        let overrides = Overrides {
+            data_dir: Some(dir.path().join("data")),
+            api_addr: Some("127.0.0.1:0".into()),
+            agent_addr: Some("127.0.0.1:0".into()),
+            store: Some(url),
+        };
+        let config = FileConfig::default().resolve(&overrides).expect("valid config");
+        assert!(matches!(config.store, StoreUrl::Postgres(_)));
+        let initialized = init(&config.data_dir, &config.store, &InitOptions::default()).await.expect("init");
+        assert!(initialized.admin_token.starts_with("vwk_"));
+
+        let host = start(&config).await.expect("starts on Postgres");
+        let store = host.control().store();
+        assert_eq!(store.kind(), "postgres");
+        store.ping().await.expect("ping");
+        let id: viworks_core::wire::AgentId = "gw-pg".parse().expect("id");
+        store
+            .enroll_agent(&store::AgentRecord::enrolled(id.clone(), "lab", host.control().now()))
+            .await
+            .expect("enroll");
+        let agents = store.agents(&AgentFilter::default()).await.expect("agents");
+        assert_eq!(agents.iter().map(|a| &a.agent_id).collect::<Vec<_>>(), vec![&id]);
+        assert!(matches!(store.verify_audit().await.expect("verify"), store::ChainVerdict::Intact { .. }));
+        host.shutdown().await;
+    }
 }

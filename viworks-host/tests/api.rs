@@ -18,15 +18,15 @@ use viworks_host::api::{self, ApiState, Limiter};
 use viworks_host::config::Config;
 use viworks_host::control::Control;
 use viworks_host::metrics::Metrics;
-use viworks_host::store::sqlite::SqliteStore;
+use viworks_host::store::AnyStore;
 use viworks_host::store::{AuditFilter, Role, Store, TelemetryRow, TokenRecord};
 
 /// `api::serve` over a fresh data directory with agent `gw-1` enrolled (and not connected).
 struct Api {
     addr: std::net::SocketAddr,
     admin: String,
-    control: Control<SqliteStore>,
-    store: SqliteStore,
+    control: Control<AnyStore>,
+    store: AnyStore,
     stop: watch::Sender<bool>,
     served: tokio::task::JoinHandle<()>,
     _fleet: Fleet,

@@ -4,9 +4,12 @@
 //! Every write is durable when its future resolves: the host replies 202 to a submission and
 //! acknowledges a result to an agent only after the corresponding call returned `Ok`.
 
+mod any;
 mod columns;
 pub mod postgres;
 pub mod sqlite;
+
+pub use any::AnyStore;
 
 #[cfg(test)]
 pub(crate) mod contract;

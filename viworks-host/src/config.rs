@@ -308,15 +308,15 @@ impl FileConfig {
         };
         let s = &self.session;
         let heartbeat = s.heartbeat_secs.unwrap_or(15);
-        let liveness = s.liveness_secs.unwrap_or(heartbeat * 3);
+        let liveness = s.liveness_secs.unwrap_or(heartbeat.saturating_mul(3));
         let skew = s.skew_secs.unwrap_or(60);
         let max_concurrency = s.max_concurrency.unwrap_or(256);
         let max_sessions = s.max_sessions.unwrap_or(65_536);
         range(&mut errors, "session.heartbeat_secs", heartbeat, 1, 300);
-        if liveness < heartbeat * 2 {
+        if liveness < heartbeat.saturating_mul(2) {
             errors.push(problem(
                 "session.liveness_secs",
-                format!("must be at least twice the heartbeat ({})", heartbeat * 2),
+                format!("must be at least twice the heartbeat ({})", heartbeat.saturating_mul(2)),
             ));
         }
         range(&mut errors, "session.skew_secs", skew, 5, 3600);
@@ -365,7 +365,7 @@ impl FileConfig {
             skew_window: SkewWindow::new(Duration::from_secs(skew)),
             max_sessions,
             max_concurrency,
-            nonce_capacity: (max_sessions * 2).clamp(1024, 1 << 22),
+            nonce_capacity: max_sessions.saturating_mul(2).clamp(1024, 1 << 22),
             ..HostConfig::default()
         };
         let dispatch = DispatchConfig {
@@ -431,6 +431,19 @@ mod tests {
         let errors = file.resolve(&Overrides::default()).expect_err("invalid");
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, vec!["api.addr", "store.url", "session.heartbeat_secs", "log.format"]);
+    }
+
+    /// Found by the `host_config` fuzz target: the default liveness (three heartbeats)
+    /// overflowed on a huge heartbeat instead of reporting it out of range.
+    #[test]
+    fn a_huge_heartbeat_is_out_of_range_not_an_overflow() {
+        let file = FileConfig::parse("[session]\nheartbeat_secs = 9223372036854775807\n").expect("parses");
+        let errors = file.resolve(&Overrides::default()).expect_err("invalid");
+        assert!(errors.iter().any(|e| e.key == "session.heartbeat_secs"), "{errors:?}");
+        let file = FileConfig::parse("[session]\nmax_sessions = 18446744073709551615\n");
+        if let Ok(file) = file {
+            assert!(file.resolve(&Overrides::default()).is_err());
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use viworks_core::Timestamp;
+use viworks_core::session::{CommandState, DeadLetter, Terminal};
 use viworks_core::wire::{IdError, ResultStatus};
 
 use super::{NewAudit, StoreError};
@@ -101,4 +102,52 @@ pub(super) fn as_stored(mut entry: NewAudit) -> NewAudit {
 
 pub(super) fn stored_u64(value: u64) -> u64 {
     if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
+}
+
+/// A command's state as columns: name, not_before, session, deadline, dead-letter reason and
+/// dead-letter attempt count.
+pub(super) struct StateColumns {
+    pub(super) name: &'static str,
+    pub(super) not_before: Option<i64>,
+    pub(super) session: Option<i64>,
+    pub(super) deadline: Option<i64>,
+    pub(super) reason: Option<&'static str>,
+    pub(super) reason_attempts: Option<i64>,
+}
+
+impl StateColumns {
+    pub(super) fn of(state: &CommandState) -> Self {
+        let mut columns = StateColumns {
+            name: "",
+            not_before: None,
+            session: None,
+            deadline: None,
+            reason: None,
+            reason_attempts: None,
+        };
+        match state {
+            CommandState::Queued { not_before } => {
+                columns.name = "queued";
+                columns.not_before = Some(ts_sql(*not_before));
+            }
+            CommandState::Sent { session } => {
+                columns.name = "sent";
+                columns.session = Some(session_sql(*session));
+            }
+            CommandState::Acked { deadline } => {
+                columns.name = "acked";
+                columns.deadline = Some(ts_sql(*deadline));
+            }
+            CommandState::Done(terminal) => {
+                columns.name = terminal.as_str();
+                if let Terminal::DeadLettered(why) = terminal {
+                    columns.reason = Some(why.as_str());
+                    if let DeadLetter::AttemptsExhausted(n) = why {
+                        columns.reason_attempts = Some(i64::from(*n));
+                    }
+                }
+            }
+        }
+        columns
+    }
 }

@@ -24,7 +24,7 @@ use viworks_core::session::{CommandRecord, CommandState, DeadLetter, NewCommand,
 use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, ResultError, ResultStatus, Verb};
 
 use super::columns::{
-    as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from, session_sql,
+    StateColumns, as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from,
     status_name, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
@@ -407,54 +407,6 @@ fn decode_agent(row: &Row) -> Result<AgentRecord, StoreError> {
 
 // ---------------------------------------------------------------------------------------------
 // Commands
-
-/// A command's state as columns: name, not_before, session, deadline, dead-letter reason and
-/// dead-letter attempt count.
-struct StateColumns {
-    name: &'static str,
-    not_before: Option<i64>,
-    session: Option<i64>,
-    deadline: Option<i64>,
-    reason: Option<&'static str>,
-    reason_attempts: Option<i64>,
-}
-
-impl StateColumns {
-    fn of(state: &CommandState) -> Self {
-        let mut columns = StateColumns {
-            name: "",
-            not_before: None,
-            session: None,
-            deadline: None,
-            reason: None,
-            reason_attempts: None,
-        };
-        match state {
-            CommandState::Queued { not_before } => {
-                columns.name = "queued";
-                columns.not_before = Some(ts_sql(*not_before));
-            }
-            CommandState::Sent { session } => {
-                columns.name = "sent";
-                columns.session = Some(session_sql(*session));
-            }
-            CommandState::Acked { deadline } => {
-                columns.name = "acked";
-                columns.deadline = Some(ts_sql(*deadline));
-            }
-            CommandState::Done(terminal) => {
-                columns.name = terminal.as_str();
-                if let Terminal::DeadLettered(why) = terminal {
-                    columns.reason = Some(why.as_str());
-                    if let DeadLetter::AttemptsExhausted(n) = why {
-                        columns.reason_attempts = Some(i64::from(*n));
-                    }
-                }
-            }
-        }
-        columns
-    }
-}
 
 const COMMAND_COLUMNS: &str = "c.command_id, c.job_id, c.agent_id, c.verb, c.args, c.timeout_ms, c.state, \
                                c.not_before, c.session, c.deadline, c.terminal_reason, c.terminal_attempts, \

@@ -642,3 +642,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_admission_turned_into_a_refusal_sends_an_authenticated_reject_and_frees_the_agent_id() {
+    let mut host = host();
+    let config = agent_config("gw-1", 2);
+    let mut agent = AgentSession::new(&config, at(0), &mut Entropy::from_u64(5), &ChannelBinding::NONE).expect("hello");
+    let hello = agent.poll_transmit().expect("hello");
+    let session = host.accept(at(1), &hello, None, &ChannelBinding::NONE).expect("admitted");
+    assert_eq!(host.live_sessions(), 1);
+    let refusal = session.refuse(at(2), RejectCode::DuplicateAgent, Some(Duration::from_secs(7)));
+    assert_eq!(host.live_sessions(), 0, "the refused session no longer holds the agent id");
+    agent.handle_message(at(3), &refusal.reply);
+    match agent.poll_event() {
+        Some(AgentEvent::Rejected { code, authenticated, retry_after, .. }) => {
+            assert_eq!(code, RejectCode::DuplicateAgent);
+            assert!(authenticated);
+            assert_eq!(retry_after, Some(Duration::from_secs(7)));
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(Link::connect(&mut host, &config, at(4), 9).is_ok(), "the agent is admitted again at once");
+}
+
+#[test]
+fn released_commands_are_adopted_elsewhere_retrying_the_sent_and_awaiting_the_acked() {
+    let mut first = Dispatcher::new(dispatch_config(), Entropy::from_u64(1));
+    for n in 1..=3 {
+        first.submit(at(0), new_command(n, "a")).expect("room");
+    }
+    first.submit(at(0), new_command(9, "b")).expect("room");
+    let _ = first.next_for(at(0), &id("a"), 1, 2);
+    first.on_acked(at(0), &cid("cmd-1"));
+    let released = first.release_agent(&id("a"));
+    let states: Vec<&str> = released
+        .iter()
+        .map(|r| match r.state {
+            CommandState::Queued { .. } => "queued",
+            CommandState::Sent { .. } => "sent",
+            CommandState::Acked { .. } => "acked",
+            CommandState::Done(_) => "done",
+        })
+        .collect();
+    assert_eq!(states, ["acked", "sent", "queued"], "in submission order, as the session left them");
+    assert_eq!((first.len(), first.unfinished_for(&id("a")), first.queued(&id("a"))), (1, 0, 0));
+    assert!(first.next_for(at(5), &id("a"), 1, 8).is_empty(), "nothing of the released agent remains");
+    first.handle_timeout(at(100_000));
+
+    let mut second = Dispatcher::new(dispatch_config(), Entropy::from_u64(2));
+    second.adopt(at(10), released.clone());
+    second.adopt(at(10), released);
+    assert_eq!(second.len(), 3, "adopting twice holds each command once");
+    assert_eq!(second.awaiting_results(&id("a")), vec![cid("cmd-1")]);
+    second.handle_timeout(at(2_000));
+    let sent: Vec<CommandId> = second.next_for(at(2_000), &id("a"), 4, 8).into_iter().map(|c| c.command_id).collect();
+    assert_eq!(sent, vec![cid("cmd-2"), cid("cmd-3")], "the sent one is retried, the queued one sent");
+}

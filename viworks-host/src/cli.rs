@@ -249,7 +249,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
                 write_private(&token_file, &initialized.admin_token)?;
                 initialized.admin_token
             };
-            let store = crate::open_store(&config.store).await?;
+            let store = crate::open_store(&config.store, config.postgres).await?;
             let enrolled = local_agent::ensure_enrolled(&config, &store).await;
             store.close().await;
             let local = enrolled?;
@@ -288,7 +288,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
             let config = load_config(&config, None, None)?;
             let agent_id = AgentId::new(id).map_err(|e| config_error("agent id", e.to_string()))?;
             let pki = Pki::load(&config.data_dir)?;
-            let store = crate::open_store(&config.store).await?;
+            let store = crate::open_store(&config.store, config.postgres).await?;
             let now = clock::Clock::start().now();
             let record = AgentRecord::enrolled(agent_id.clone(), site.clone(), now);
             let backend_url = backend_url.unwrap_or_else(|| config.public_url.clone());
@@ -309,7 +309,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
         Command::Token { action: TokenAction::Create { role, name, config } } => {
             let config = load_config(&config, None, None)?;
             let role = Role::parse(&role).ok_or_else(|| config_error("role", "must be admin, operator or viewer"))?;
-            let store = crate::open_store(&config.store).await?;
+            let store = crate::open_store(&config.store, config.postgres).await?;
             let token = crate::create_token(&store, role, &name).await?;
             audit_cli(&store, "token.created", vec![name.clone()], serde_json::json!({ "role": role.as_str() })).await;
             store.close().await;
@@ -322,7 +322,7 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
         }
         Command::Audit { action: AuditAction::Verify { config } } => {
             let config = load_config(&config, None, None)?;
-            let store = crate::open_store(&config.store).await?;
+            let store = crate::open_store(&config.store, config.postgres).await?;
             let verdict = store.verify_audit().await?;
             store.close().await;
             match verdict {

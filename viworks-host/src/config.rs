@@ -12,7 +12,8 @@ use viworks_core::auth::SkewWindow;
 use viworks_core::flow::RetryPolicy;
 use viworks_core::session::{DispatchConfig, HostConfig, Timers};
 
-use crate::control::ControlConfig;
+use crate::control::{ClusterConfig, ControlConfig};
+use crate::store::postgres::PostgresOptions;
 
 /// One problem with the configuration, naming the key and how to fix it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -74,6 +75,9 @@ pub struct FileConfig {
     /// Command queues and retries.
     #[serde(default)]
     pub dispatch: DispatchSection,
+    /// Instances sharing the store.
+    #[serde(default)]
+    pub cluster: ClusterSection,
     /// API rate limits.
     #[serde(default)]
     pub rate_limits: RateLimitSection,
@@ -108,6 +112,25 @@ pub struct AgentsSection {
 pub struct StoreSection {
     /// `sqlite://PATH` (default `sqlite://<data_dir>/viworks.db`) or `postgres://…`.
     pub url: Option<String>,
+    /// Postgres: connections in the pool (1–1000, default 16).
+    pub pool_size: Option<usize>,
+    /// Postgres: seconds to open one connection (1–300, default 5).
+    pub connect_timeout_secs: Option<u64>,
+    /// Postgres: seconds a statement may run before the server cancels it (1–3600, default 30).
+    pub statement_timeout_secs: Option<u64>,
+}
+
+/// `[cluster]`: how instances sharing a Postgres store keep track of each other.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Seconds an instance's hold on its agents outlives its last heartbeat (3–600, default
+    /// 15): after a crash its agents are admitted elsewhere that long after it stopped.
+    pub lease_secs: Option<u64>,
+    /// Seconds between sweeps of the store (1–600, default 5, at most the lease).
+    pub sweep_secs: Option<u64>,
+    /// The name this instance reports (default: the machine's host name and agent address).
+    pub name: Option<String>,
 }
 
 /// `[session]`
@@ -204,7 +227,11 @@ pub struct Config {
     pub public_url: String,
     /// The store.
     pub store: StoreUrl,
-    /// Sessions and dispatch.
+    /// The Postgres connection pool (unused on SQLite).
+    pub postgres: PostgresOptions,
+    /// The name this instance reports to the others.
+    pub instance_name: String,
+    /// Sessions, dispatch and the cluster timers.
     pub control: ControlConfig,
     /// API rate limits.
     pub rate_limits: RateLimits,
@@ -264,6 +291,9 @@ impl FileConfig {
                 "HEARTBEAT_SECS" => self.session.heartbeat_secs = number(&mut errors),
                 "LIVENESS_SECS" => self.session.liveness_secs = number(&mut errors),
                 "MAX_SESSIONS" => self.session.max_sessions = number(&mut errors).map(|n| n as usize),
+                "STORE_POOL_SIZE" => self.store.pool_size = number(&mut errors).map(|n| n as usize),
+                "LEASE_SECS" => self.cluster.lease_secs = number(&mut errors),
+                "INSTANCE_NAME" => self.cluster.name = Some(value.clone()),
                 _ => errors.push(problem(&name, "unknown VIW_HOST_ variable")),
             }
         }
@@ -322,6 +352,30 @@ impl FileConfig {
         range(&mut errors, "session.skew_secs", skew, 5, 3600);
         range(&mut errors, "session.max_concurrency", u64::from(max_concurrency), 1, 4096);
         range(&mut errors, "session.max_sessions", max_sessions as u64, 1, 1_000_000);
+        let pool_size = self.store.pool_size.unwrap_or(16);
+        let connect_timeout = self.store.connect_timeout_secs.unwrap_or(5);
+        let statement_timeout = self.store.statement_timeout_secs.unwrap_or(30);
+        range(&mut errors, "store.pool_size", pool_size as u64, 1, 1000);
+        range(&mut errors, "store.connect_timeout_secs", connect_timeout, 1, 300);
+        range(&mut errors, "store.statement_timeout_secs", statement_timeout, 1, 3600);
+        let postgres = PostgresOptions {
+            pool_size,
+            connect_timeout: Duration::from_secs(connect_timeout.min(300)),
+            statement_timeout: Some(Duration::from_secs(statement_timeout.min(3600))),
+        };
+        let lease = self.cluster.lease_secs.unwrap_or(15);
+        let sweep = self.cluster.sweep_secs.unwrap_or(5.min(lease));
+        range(&mut errors, "cluster.lease_secs", lease, 3, 600);
+        range(&mut errors, "cluster.sweep_secs", sweep, 1, lease.clamp(1, 600));
+        let cluster = ClusterConfig {
+            lease: Duration::from_secs(lease.min(600)),
+            sweep: Duration::from_secs(sweep.clamp(1, 600)),
+        };
+        let instance_name = self.cluster.name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let host = host.trim();
+            format!("{host} {agent_addr}")
+        });
         let d = &self.dispatch;
         let max_commands = d.max_commands.unwrap_or(1_000_000);
         let per_agent_queue = d.per_agent_queue.unwrap_or(10_000);
@@ -386,7 +440,9 @@ impl FileConfig {
             agent_addr,
             public_url,
             store,
-            control: ControlConfig { host, dispatch },
+            postgres,
+            instance_name,
+            control: ControlConfig { host, dispatch, cluster },
             rate_limits,
             log_format,
             log_level,

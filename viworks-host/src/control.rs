@@ -3,7 +3,7 @@
 //! transition. The agent endpoint and the REST API both work through [`Control`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -22,7 +22,10 @@ use viworks_core::{Entropy, Timestamp};
 use crate::audit;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::store::{AgentFilter, JobInsert, JobRecord, NewAudit, Store, StoreError};
+use crate::store::{
+    AgentFilter, CancelOutcome, ClaimScope, InstanceRecord, JobInsert, JobRecord, NewAudit, PresenceClaim, QueueBounds,
+    Store, StoreError, StoreStats, Wakeup,
+};
 
 /// Agent keys for enrolled, unrevoked agents only, derived from the master key.
 pub struct EnrolledKeys {
@@ -165,6 +168,44 @@ pub struct ControlConfig {
     pub host: HostConfig,
     /// Dispatcher bounds and retry policy.
     pub dispatch: DispatchConfig,
+    /// How instances sharing the store keep track of each other.
+    pub cluster: ClusterConfig,
+}
+
+/// The timers of an instance among others on one store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// How long an instance's presence outlives its last heartbeat: after a crash, its agents
+    /// are admitted elsewhere this long after its last renewal. It renews every third of it.
+    pub lease: Duration,
+    /// How often the instance sweeps the store: reaps dead instances, claims commands it
+    /// missed a wake-up for, and runs the timers of commands no instance holds.
+    pub sweep: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { lease: Duration::from_secs(15), sweep: Duration::from_secs(5) }
+    }
+}
+
+/// Why an admitted session could not be attached.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// Another live instance holds the agent's session.
+    #[error("agent {agent} is connected to instance {instance}")]
+    ElsewhereLive {
+        /// The agent.
+        agent: AgentId,
+        /// The instance holding it.
+        instance: String,
+        /// How long until that instance's lease ends unless renewed.
+        retry_after: Duration,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 struct Live {
@@ -205,12 +246,17 @@ impl Attachment {
 
 struct Dispatch {
     dispatcher: Dispatcher,
-    reserved_total: usize,
-    reserved_per_agent: BTreeMap<AgentId, usize>,
 }
 
 struct Inner<S> {
     store: S,
+    /// This process's registration among the instances sharing the store.
+    instance: InstanceRecord,
+    /// Serialises the persister's batches with the release of an agent's commands, so that
+    /// no batch lands after the release that superseded it.
+    writes: tokio::sync::Mutex<()>,
+    /// When the lease was last renewed (milliseconds since the epoch).
+    renewed_at: AtomicU64,
     config: ControlConfig,
     clock: Clock,
     keys: Arc<EnrolledKeys>,
@@ -245,14 +291,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<S: Store + Clone> Control<S> {
-    /// Starts the control plane on `store`: loads enrolled agents, rebuilds the dispatcher
-    /// from unfinished commands (finishing those whose result was stored before a crash), and
-    /// spawns its persister and timer tasks on the current tokio runtime.
+    /// Starts the control plane on `store`: loads enrolled agents, registers this process as
+    /// an instance named `instance_name` among those sharing the store, and spawns its
+    /// persister, timer, sweeper and wake-up tasks on the current tokio runtime. Commands are
+    /// claimed from the store as their agents attach here.
     pub async fn start(
         store: S,
         master: MasterKey,
         config: ControlConfig,
         metrics: Metrics,
+        instance_name: String,
     ) -> Result<Self, StoreError> {
         let clock = Clock::start();
         let now = clock.now();
@@ -277,34 +325,30 @@ impl<S: Store + Clone> Control<S> {
         let mut entropy = Entropy::from_seed(seed);
         let host = Host::new(config.host, Box::new(SharedKeys(Arc::clone(&keys))), entropy.fork(), now)
             .map_err(|e| StoreError::Database(format!("invalid host configuration: {e}")))?;
-        let unfinished = store.unfinished_commands().await?;
-        let mut finished_results = Vec::new();
-        for record in &unfinished {
-            if let Some(stored) = store.command(&record.command.command_id).await?
-                && let Some(result) = stored.result
-            {
-                finished_results.push(result.result);
-            }
-        }
-        let mut dispatcher = Dispatcher::recover(config.dispatch, entropy.fork(), now, unfinished);
-        // Orders are unique across every command ever stored, finished ones included.
-        if let Some(max) = store.max_order().await? {
-            let next = dispatcher.take_orders(0);
-            dispatcher.take_orders((max + 1).saturating_sub(next));
-        }
-        for result in &finished_results {
-            // Stored and acknowledged before a crash, but its terminal record was not written.
-            dispatcher.on_result(now, result);
-        }
+        // Commands are held by the instance serving their agent: they are claimed from the
+        // store when the agent attaches here, not loaded all at start.
+        let dispatcher = Dispatcher::new(config.dispatch, entropy.fork());
+        let instance = InstanceRecord {
+            instance_id: format!("inst-{}", hex16(entropy.bytes32())),
+            name: instance_name,
+            started_at: now,
+            lease_until: now.saturating_add(config.cluster.lease),
+        };
+        store.register_instance(&instance).await?;
+        tracing::info!(instance = %instance.instance_id, name = %instance.name, "instance registered");
         let (updates, _) = broadcast::channel(4096);
+        let wakeups = store.wakeups();
         let control = Control {
             inner: Arc::new(Inner {
                 store,
+                instance,
+                writes: tokio::sync::Mutex::new(()),
+                renewed_at: AtomicU64::new(now.as_millis()),
                 config,
                 clock,
                 keys,
                 host: Mutex::new(host),
-                dispatch: Mutex::new(Dispatch { dispatcher, reserved_total: 0, reserved_per_agent: BTreeMap::new() }),
+                dispatch: Mutex::new(Dispatch { dispatcher }),
                 live: Mutex::new(BTreeMap::new()),
                 sent_at: Mutex::new(BTreeMap::new()),
                 dirty: Mutex::new(BTreeMap::new()),
@@ -318,9 +362,12 @@ impl<S: Store + Clone> Control<S> {
                 security_audits: Mutex::new(TokenBucket::new(100, Duration::from_millis(50), now)),
             }),
         };
-        control.drain_dispatcher_events();
         tokio::spawn(control.clone().persister());
         tokio::spawn(control.clone().ticker());
+        tokio::spawn(control.clone().sweeper());
+        if let Some(wakeups) = wakeups {
+            tokio::spawn(control.clone().listener(wakeups));
+        }
         Ok(control)
     }
 
@@ -362,8 +409,12 @@ impl<S: Store + Clone> Control<S> {
 
     /// A fresh random identifier: 32 lowercase hex digits.
     pub fn random_id(&self) -> String {
-        let bytes = lock(&self.inner.entropy).bytes32();
-        bytes[..16].iter().map(|b| format!("{b:02x}")).collect()
+        hex16(lock(&self.inner.entropy).bytes32())
+    }
+
+    /// This instance's identity among those sharing the store.
+    pub fn instance(&self) -> &InstanceRecord {
+        &self.inner.instance
     }
 
     // ---- admission and sessions -------------------------------------------------------------
@@ -374,36 +425,134 @@ impl<S: Store + Clone> Control<S> {
         lock(&self.inner.host).accept(now, hello, Some(proven), binding)
     }
 
-    /// Registers an admitted session so that it is woken for new commands; commands the agent
-    /// acknowledged earlier are resumed on it.
-    pub fn attach(&self, session: &mut HostSession) -> Attachment {
+    /// Registers an admitted session so that it is woken for new commands: records in the
+    /// store that this instance serves the agent (refused while another live instance does),
+    /// takes over the agent's unfinished commands, and resumes those it acknowledged earlier.
+    pub async fn attach(&self, session: &mut HostSession) -> Result<Attachment, AttachError> {
         let agent = session.agent_id().clone();
-        let awaiting = lock(&self.inner.dispatch).dispatcher.awaiting_results(&agent);
-        session.resume(self.now(), awaiting);
+        let now = self.now();
+        let store = &self.inner.store;
+        let instance = &self.inner.instance.instance_id;
+        if let PresenceClaim::HeldBy { instance_id, lease_until } =
+            store.claim_presence(&agent, instance, session.id(), now).await?
+        {
+            let retry_after = lease_until.saturating_since(now).max(Duration::from_secs(1));
+            return Err(AttachError::ElsewhereLive { agent, instance: instance_id, retry_after });
+        }
+        let claimed = match store.claim_commands(instance, &ClaimScope::Agent(agent.clone())).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                let _ = store.release_presence(&agent, instance, session.id()).await;
+                return Err(error.into());
+            }
+        };
+        self.adopt(claimed).await;
         let wake = Arc::new(Notify::new());
         let stop = Arc::new(AtomicU8::new(0));
-        let previous = lock(&self.inner.live)
-            .insert(agent, Live { session: session.id(), wake: Arc::clone(&wake), stop: Arc::clone(&stop) });
+        let previous = {
+            let mut live = lock(&self.inner.live);
+            let awaiting = lock(&self.inner.dispatch).dispatcher.awaiting_results(&agent);
+            session.resume(self.now(), awaiting);
+            live.insert(agent, Live { session: session.id(), wake: Arc::clone(&wake), stop: Arc::clone(&stop) })
+        };
         if let Some(previous) = previous {
             previous.stop.store(2, Ordering::Release);
             previous.wake.notify_one();
         }
         self.inner.metrics.sessions.inc();
         wake.notify_one();
-        Attachment { wake, stop }
+        Ok(Attachment { wake, stop })
     }
 
-    /// Unregisters a session that ended, and re-queues what it left unacknowledged.
-    pub fn detach(&self, agent: &AgentId, session: u64, in_flight: &[(CommandId, Delivery)]) {
-        let now = self.now();
-        {
-            let mut live = lock(&self.inner.live);
-            if live.get(agent).is_some_and(|l| l.session == session) {
-                live.remove(agent);
+    /// Hands claimed commands to the dispatcher. A command whose result was stored while no
+    /// dispatcher held it (an instance died between storing and finishing it) is finished.
+    async fn adopt(&self, claimed: Vec<CommandRecord>) {
+        if claimed.is_empty() {
+            return;
+        }
+        let mut answered = Vec::new();
+        for record in &claimed {
+            if matches!(record.state, CommandState::Sent { .. } | CommandState::Acked { .. })
+                && let Ok(Some(stored)) = self.inner.store.command(&record.command.command_id).await
+                && let Some(result) = stored.result
+            {
+                answered.push(result.result);
             }
         }
+        let now = self.now();
+        self.with_dispatcher(|d| {
+            d.adopt(now, claimed);
+            for result in &answered {
+                d.on_result(now, result);
+            }
+        });
+    }
+
+    /// Unregisters a session that ended, re-queues what it left unacknowledged and, unless a
+    /// newer session of the agent took over here, hands the agent's commands and presence
+    /// back to the store so that any instance can serve the agent next.
+    pub async fn detach(&self, agent: &AgentId, session: u64, in_flight: &[(CommandId, Delivery)]) {
+        let now = self.now();
+        let current = {
+            let mut live = lock(&self.inner.live);
+            let current = live.get(agent).is_some_and(|l| l.session == session);
+            if current {
+                live.remove(agent);
+            }
+            current
+        };
         self.inner.metrics.sessions.dec();
         self.with_dispatcher(|d| d.on_session_closed(now, session, in_flight));
+        if !current {
+            return;
+        }
+        let instance = &self.inner.instance.instance_id;
+        let store = &self.inner.store;
+        {
+            // No persister batch is in flight while the release is written, and the agent's
+            // pending records are superseded by the released ones.
+            let _writes = self.inner.writes.lock().await;
+            let released = {
+                let mut dispatch = lock(&self.inner.dispatch);
+                dispatch.dispatcher.release_agent(agent)
+            };
+            let superseded: Vec<CommandRecord> = {
+                let mut dirty = lock(&self.inner.dirty);
+                let ids: Vec<CommandId> = dirty
+                    .values()
+                    .filter(|r| r.command.agent_id == *agent)
+                    .map(|r| r.command.command_id.clone())
+                    .collect();
+                ids.iter().filter_map(|id| dirty.remove(id)).collect()
+            };
+            let mut delay = Duration::from_millis(100);
+            loop {
+                // Finished commands are no longer in the dispatcher: save them first.
+                let saved = store.save_commands(&superseded).await;
+                let released_ok = match saved {
+                    Ok(()) => store.release_commands(instance, &released).await,
+                    Err(error) => Err(error),
+                };
+                match released_ok {
+                    Ok(()) => break,
+                    Err(error) if !self.is_closing() && delay < Duration::from_secs(30) => {
+                        tracing::warn!(%agent, %error, "handing the agent's commands back failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    Err(error) => {
+                        // The lease still names this instance: once it lapses (the store being
+                        // unreachable stops its renewal too), another instance takes them over.
+                        tracing::error!(%agent, %error, "could not hand the agent's commands back");
+                        break;
+                    }
+                }
+            }
+            self.publish(superseded);
+        }
+        if let Err(error) = store.release_presence(agent, instance, session).await {
+            tracing::warn!(%agent, %error, "releasing the agent's presence failed; its lease will lapse");
+        }
     }
 
     /// Whether `agent` has a live session on this host.
@@ -514,38 +663,17 @@ impl<S: Store + Clone> Control<S> {
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, ControlError> {
         let agents = self.resolve_targets(&request.targets).await?;
         let now = self.now();
-        let first_order = self.reserve(&agents)?;
-        let outcome = self.store_job(&request, &agents, now, first_order).await;
-        let outcome = match outcome {
-            Ok((Some(existing), _)) => {
-                self.release(&agents);
-                return self.existing_job(existing).await;
-            }
-            Ok((None, records)) => Ok(records),
-            Err(error) => Err(error),
+        let (job_id, records) = match self.store_job(&request, &agents, now).await? {
+            (Some(existing), _) => return self.existing_job(existing).await,
+            (None, stored) => stored,
         };
-        let records = match outcome {
-            Ok(records) => records,
-            Err(error) => {
-                self.release(&agents);
-                return Err(error);
-            }
-        };
-        let job_id = records.0.clone();
         let commands: Vec<(CommandId, AgentId)> =
-            records.1.iter().map(|r| (r.command.command_id.clone(), r.command.agent_id.clone())).collect();
-        {
-            let mut dispatch = lock(&self.inner.dispatch);
-            release_locked(&mut dispatch, &agents);
-            for record in records.1 {
-                // Room was reserved above, so the bounds cannot refuse it.
-                if let Err(error) = dispatch.dispatcher.admit(record) {
-                    tracing::error!(%error, "reserved submission refused");
-                }
-            }
+            records.iter().map(|r| (r.command.command_id.clone(), r.command.agent_id.clone())).collect();
+        // Agents served here take their commands now; other instances were notified by the
+        // store and claim theirs, and the sweep catches any wake-up that went missing.
+        if commands.iter().any(|(_, agent)| self.is_online(agent)) {
+            self.claim(&ClaimScope::Job(job_id.clone())).await;
         }
-        self.drain_dispatcher_events();
-        self.wake(commands.iter().map(|(_, agent)| agent));
         self.inner.metrics.submitted.inc_by(commands.len() as u64);
         for (command, agent) in &commands {
             self.audit_event(
@@ -557,6 +685,14 @@ impl<S: Store + Clone> Control<S> {
             );
         }
         Ok(Submitted { job_id, commands, replayed: false })
+    }
+
+    /// Claims the commands in `scope` of agents served here and wakes their sessions.
+    async fn claim(&self, scope: &ClaimScope) {
+        match self.inner.store.claim_commands(&self.inner.instance.instance_id, scope).await {
+            Ok(claimed) => self.adopt(claimed).await,
+            Err(error) => tracing::warn!(%error, ?scope, "claiming commands failed; the sweep retries"),
+        }
     }
 
     async fn resolve_targets(&self, targets: &Targets) -> Result<Vec<AgentId>, ControlError> {
@@ -614,35 +750,11 @@ impl<S: Store + Clone> Control<S> {
         Ok(agents)
     }
 
-    fn reserve(&self, agents: &[AgentId]) -> Result<u64, ControlError> {
-        let mut dispatch = lock(&self.inner.dispatch);
-        let bounds = self.inner.config.dispatch;
-        let full = dispatch.dispatcher.len() + dispatch.reserved_total + agents.len() > bounds.max_commands
-            || agents.iter().any(|agent| {
-                let reserved = dispatch.reserved_per_agent.get(agent).copied().unwrap_or(0);
-                dispatch.dispatcher.unfinished_for(agent) + reserved + 1 > bounds.per_agent_queue
-            });
-        if full {
-            self.inner.metrics.refused_full.inc();
-            return Err(ControlError::QueueFull { retry_after: Duration::from_secs(1) });
-        }
-        dispatch.reserved_total += agents.len();
-        for agent in agents {
-            *dispatch.reserved_per_agent.entry(agent.clone()).or_default() += 1;
-        }
-        Ok(dispatch.dispatcher.take_orders(agents.len() as u64))
-    }
-
-    fn release(&self, agents: &[AgentId]) {
-        release_locked(&mut lock(&self.inner.dispatch), agents);
-    }
-
     async fn store_job(
         &self,
         request: &SubmitRequest,
         agents: &[AgentId],
         now: Timestamp,
-        first_order: u64,
     ) -> Result<(Option<JobId>, (JobId, Vec<CommandRecord>)), ControlError> {
         let job_id = JobId::new(format!("job-{}", self.random_id()))
             .map_err(|e| StoreError::Database(format!("generated job id invalid: {e}")))?;
@@ -663,7 +775,8 @@ impl<S: Store + Clone> Control<S> {
                     state: CommandState::Queued { not_before: now },
                     attempts: 0,
                     submitted_at: now,
-                    order: first_order + n as u64,
+                    // The store numbers the commands of all instances.
+                    order: n as u64,
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -676,10 +789,16 @@ impl<S: Store + Clone> Control<S> {
             created_at: now,
             idempotency: request.idempotency.clone(),
         };
-        match self.inner.store.create_job(&job, &records).await {
+        let dispatch = self.inner.config.dispatch;
+        let bounds = QueueBounds { max_commands: dispatch.max_commands, per_agent: dispatch.per_agent_queue };
+        match self.inner.store.create_job(&job, &records, bounds).await {
             Ok(JobInsert::Created) => Ok((None, (job_id, records))),
             Ok(JobInsert::Existing(existing)) => Ok((Some(existing), (job_id, Vec::new()))),
             Err(StoreError::IdempotencyConflict(key)) => Err(ControlError::IdempotencyConflict(key)),
+            Err(StoreError::QueueFull { .. }) => {
+                self.inner.metrics.refused_full.inc();
+                Err(ControlError::QueueFull { retry_after: Duration::from_secs(1) })
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -694,22 +813,77 @@ impl<S: Store + Clone> Control<S> {
         Ok(Submitted { job_id, commands, replayed: true })
     }
 
-    /// Cancels a command that was not sent yet.
-    pub fn cancel(&self, id: &CommandId) -> Result<(), ControlError> {
+    /// Cancels a command that was not sent yet, durably before it returns: here if this
+    /// instance holds it, in the store if no instance does, and through the instance that
+    /// holds it otherwise (waiting up to two seconds for its answer).
+    pub async fn cancel(&self, id: &CommandId) -> Result<(), ControlError> {
         let now = self.now();
-        self.with_dispatcher(|d| d.cancel(now, id)).map_err(|error| match error {
-            DispatchError::NotCancellable(id) => ControlError::NotCancellable(id),
-            _ => ControlError::NotFound(id.clone()),
-        })
+        let held = lock(&self.inner.dispatch).dispatcher.record(id).is_some();
+        if held {
+            self.with_dispatcher(|d| d.cancel(now, id)).map_err(|error| match error {
+                DispatchError::NotCancellable(id) => ControlError::NotCancellable(id),
+                _ => ControlError::NotFound(id.clone()),
+            })?;
+            return self.flush().await;
+        }
+        let store = &self.inner.store;
+        match store.cancel_unowned(id, now).await? {
+            CancelOutcome::Cancelled => {
+                if let Some(stored) = store.command(id).await? {
+                    self.publish(vec![stored.record]);
+                }
+                Ok(())
+            }
+            CancelOutcome::NotFound => Err(ControlError::NotFound(id.clone())),
+            CancelOutcome::NotCancellable(_) => Err(ControlError::NotCancellable(id.clone())),
+            CancelOutcome::Owned(_) => {
+                store.request_cancel(id).await?;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    match store.command(id).await?.map(|c| c.record.state) {
+                        Some(CommandState::Done(Terminal::Cancelled)) => return Ok(()),
+                        Some(CommandState::Queued { .. }) => continue,
+                        Some(_) => return Err(ControlError::NotCancellable(id.clone())),
+                        None => return Err(ControlError::NotFound(id.clone())),
+                    }
+                }
+                Err(ControlError::Store(StoreError::Database(format!(
+                    "the instance holding {id} did not answer the cancellation in time"
+                ))))
+            }
+        }
     }
 
-    /// Queue figures.
-    pub fn queue_stats(&self) -> QueueStats {
-        let dispatch = lock(&self.inner.dispatch);
-        let queued = dispatch.dispatcher.queued_total();
-        let unfinished = dispatch.dispatcher.len();
-        let free_slots = self.inner.config.dispatch.max_commands.saturating_sub(unfinished + dispatch.reserved_total);
-        QueueStats { queued, in_flight: unfinished - queued, free_slots, online: lock(&self.inner.live).len() }
+    /// Writes every pending command record now.
+    async fn flush(&self) -> Result<(), ControlError> {
+        let _writes = self.inner.writes.lock().await;
+        let batch: Vec<CommandRecord> = std::mem::take(&mut *lock(&self.inner.dirty)).into_values().collect();
+        match self.inner.store.save_commands(&batch).await {
+            Ok(()) => {
+                self.publish(batch);
+                Ok(())
+            }
+            Err(error) => {
+                self.requeue_dirty(batch);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Queue figures: cluster-wide command counts from `stats`, sessions of this instance.
+    pub fn queue_stats(&self, stats: &StoreStats) -> QueueStats {
+        let count = |name: &str| {
+            stats
+                .commands_by_state
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, c)| usize::try_from(*c).unwrap_or(usize::MAX))
+        };
+        let queued = count("queued");
+        let in_flight = count("sent").saturating_add(count("acked"));
+        let free_slots = self.inner.config.dispatch.max_commands.saturating_sub(queued.saturating_add(in_flight));
+        QueueStats { queued, in_flight, free_slots, online: lock(&self.inner.live).len() }
     }
 
     // ---- audit ------------------------------------------------------------------------------
@@ -790,11 +964,13 @@ impl<S: Store + Clone> Control<S> {
     /// Writes changed command records in batches, then publishes and audits them.
     async fn persister(self) {
         loop {
+            let writes = self.inner.writes.lock().await;
             let batch: Vec<CommandRecord> = {
                 let taken = std::mem::take(&mut *lock(&self.inner.dirty));
                 taken.into_values().collect()
             };
             if batch.is_empty() {
+                drop(writes);
                 if self.inner.closing.load(Ordering::Acquire) {
                     return;
                 }
@@ -806,26 +982,134 @@ impl<S: Store + Clone> Control<S> {
             }
             match self.inner.store.save_commands(&batch).await {
                 Ok(()) => {
-                    let store = self.inner.store.clone();
-                    let audits: Vec<NewAudit> = batch.iter().filter_map(|r| transition_audit(r, self.now())).collect();
-                    for record in batch {
-                        let _ = self.inner.updates.send(record);
-                    }
-                    tokio::spawn(async move {
-                        for entry in audits {
-                            audit::record(&store, entry).await;
-                        }
-                    });
+                    drop(writes);
+                    self.publish(batch);
                 }
                 Err(error) => {
+                    drop(writes);
                     tracing::error!(%error, records = batch.len(), "persisting command records failed; retrying");
-                    {
-                        let mut dirty = lock(&self.inner.dirty);
-                        for record in batch {
-                            dirty.entry(record.command.command_id.clone()).or_insert(record);
+                    self.requeue_dirty(batch);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Announces durable command records to subscribers and appends their audit records.
+    fn publish(&self, batch: Vec<CommandRecord>) {
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.inner.store.clone();
+        let audits: Vec<NewAudit> = batch.iter().filter_map(|r| transition_audit(r, self.now())).collect();
+        for record in batch {
+            let _ = self.inner.updates.send(record);
+        }
+        tokio::spawn(async move {
+            for entry in audits {
+                audit::record(&store, entry).await;
+            }
+        });
+    }
+
+    /// Puts records whose write failed back, unless a newer record of the command is waiting.
+    fn requeue_dirty(&self, batch: Vec<CommandRecord>) {
+        let mut dirty = lock(&self.inner.dirty);
+        for record in batch {
+            dirty.entry(record.command.command_id.clone()).or_insert(record);
+        }
+    }
+
+    /// Keeps this instance's lease, reaps dead instances, claims commands whose wake-up was
+    /// missed, and runs the timers of commands no instance holds. Stops every session when
+    /// the lease could not be renewed in time: other instances may be serving its agents.
+    async fn sweeper(self) {
+        let cluster = self.inner.config.cluster;
+        let renew_every = (cluster.lease / 3).max(Duration::from_millis(100));
+        let mut last_sweep = tokio::time::Instant::now();
+        while !self.inner.closing.load(Ordering::Acquire) {
+            tokio::time::sleep(renew_every.min(cluster.sweep)).await;
+            if self.inner.closing.load(Ordering::Acquire) {
+                break;
+            }
+            let now = self.now();
+            let store = &self.inner.store;
+            let instance = &self.inner.instance;
+            match store.renew_instance(&instance.instance_id, now.saturating_add(cluster.lease)).await {
+                Ok(true) => self.inner.renewed_at.store(now.as_millis(), Ordering::Release),
+                Ok(false) => {
+                    tracing::error!(instance = %instance.instance_id, "this instance was declared dead; rejoining");
+                    self.fence();
+                    let mut rejoin = instance.clone();
+                    rejoin.lease_until = now.saturating_add(cluster.lease);
+                    if store.register_instance(&rejoin).await.is_ok() {
+                        self.inner.renewed_at.store(now.as_millis(), Ordering::Release);
+                    }
+                }
+                Err(error) => {
+                    let renewed = Timestamp::from_millis(self.inner.renewed_at.load(Ordering::Acquire));
+                    tracing::warn!(%error, "renewing this instance's lease failed");
+                    if now.saturating_since(renewed) >= cluster.lease {
+                        tracing::error!("this instance's lease lapsed; ending its sessions");
+                        self.fence();
+                    }
+                }
+            }
+            if last_sweep.elapsed() < cluster.sweep {
+                continue;
+            }
+            last_sweep = tokio::time::Instant::now();
+            match store.reap_instances(now).await {
+                Ok(dead) if !dead.is_empty() => tracing::warn!(?dead, "reaped instances whose lease ended"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "reaping dead instances failed"),
+            }
+            if !lock(&self.inner.live).is_empty() {
+                self.claim(&ClaimScope::All).await;
+            }
+            match store.expire_unowned(now, self.inner.config.dispatch.queue_ttl).await {
+                Ok(expired) => self.publish(expired),
+                Err(error) => tracing::warn!(%error, "expiring unowned commands failed"),
+            }
+        }
+    }
+
+    /// Ends every session and forgets every command held: what this instance held belongs
+    /// to whoever serves its agents next.
+    fn fence(&self) {
+        let live: Vec<AgentId> = lock(&self.inner.live).keys().cloned().collect();
+        {
+            let mut dispatch = lock(&self.inner.dispatch);
+            for agent in &live {
+                dispatch.dispatcher.release_agent(agent);
+            }
+        }
+        for session in lock(&self.inner.live).values() {
+            session.stop.store(2, Ordering::Release);
+            session.wake.notify_one();
+        }
+    }
+
+    /// Acts on other instances' wake-ups.
+    async fn listener(self, mut wakeups: tokio::sync::mpsc::Receiver<Wakeup>) {
+        while let Some(wakeup) = wakeups.recv().await {
+            if self.inner.closing.load(Ordering::Acquire) {
+                break;
+            }
+            match wakeup {
+                Wakeup::Job(job) => {
+                    if !lock(&self.inner.live).is_empty() {
+                        self.claim(&ClaimScope::Job(job)).await;
+                    }
+                }
+                Wakeup::Cancel(id) => {
+                    let held = lock(&self.inner.dispatch).dispatcher.record(&id).is_some();
+                    if held {
+                        let now = self.now();
+                        if self.with_dispatcher(|d| d.cancel(now, &id)).is_ok() {
+                            let _ = self.flush().await;
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
@@ -857,6 +1141,19 @@ impl<S: Store + Clone> Control<S> {
         for wake in live {
             wake.notify_one();
         }
+        // Sessions detach as they close, handing their agents' commands back; give them a
+        // moment, then let go of whatever is left so other instances need not wait out the
+        // lease.
+        for _ in 0..200 {
+            if lock(&self.inner.live).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.flush().await;
+        if let Err(error) = self.inner.store.deregister_instance(&self.inner.instance.instance_id).await {
+            tracing::warn!(%error, "deregistering this instance failed; its lease will lapse");
+        }
     }
 
     /// Whether [`Control::shutdown`] was called.
@@ -865,16 +1162,9 @@ impl<S: Store + Clone> Control<S> {
     }
 }
 
-fn release_locked(dispatch: &mut Dispatch, agents: &[AgentId]) {
-    dispatch.reserved_total = dispatch.reserved_total.saturating_sub(agents.len());
-    for agent in agents {
-        if let Some(count) = dispatch.reserved_per_agent.get_mut(agent) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                dispatch.reserved_per_agent.remove(agent);
-            }
-        }
-    }
+/// The first 16 bytes of `bytes` as 32 lowercase hex digits.
+fn hex16(bytes: [u8; 32]) -> String {
+    bytes[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The audit record for a command's new state.

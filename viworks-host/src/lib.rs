@@ -93,12 +93,10 @@ impl RunningHost {
 }
 
 /// Opens the configured store.
-pub async fn open_store(url: &StoreUrl) -> Result<AnyStore, HostError> {
+pub async fn open_store(url: &StoreUrl, postgres: PostgresOptions) -> Result<AnyStore, HostError> {
     match url {
         StoreUrl::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(path)?)),
-        StoreUrl::Postgres(url) => {
-            Ok(AnyStore::Postgres(PostgresStore::connect(url, PostgresOptions::default()).await?))
-        }
+        StoreUrl::Postgres(url) => Ok(AnyStore::Postgres(PostgresStore::connect(url, postgres).await?)),
     }
 }
 
@@ -106,8 +104,15 @@ pub async fn open_store(url: &StoreUrl) -> Result<AnyStore, HostError> {
 /// dispatcher, and binds both listeners.
 pub async fn start(config: &Config) -> Result<RunningHost, HostError> {
     let pki = Pki::load(&config.data_dir)?;
-    let store = open_store(&config.store).await?;
-    let control = Control::start(store.clone(), pki.master_key().clone(), config.control, Metrics::new()).await?;
+    let store = open_store(&config.store, config.postgres).await?;
+    let control = Control::start(
+        store.clone(),
+        pki.master_key().clone(),
+        config.control,
+        Metrics::new(),
+        config.instance_name.clone(),
+    )
+    .await?;
     let agent_listener = TcpListener::bind(config.agent_addr).await.map_err(|source| HostError::Bind {
         what: "agents",
         addr: config.agent_addr,
@@ -167,7 +172,7 @@ pub struct Initialized {
 /// token. Refuses to overwrite anything that exists.
 pub async fn init(data_dir: &Path, store: &StoreUrl, options: &InitOptions) -> Result<Initialized, HostError> {
     let pki = Pki::init(data_dir, options)?;
-    let store = open_store(store).await?;
+    let store = open_store(store, PostgresOptions::default()).await?;
     let admin_token = create_token(&store, Role::Admin, "admin").await?;
     let detail = serde_json::json!({ "host_pin": pki.host_pin().to_string() });
     let entry = store::NewAudit {

@@ -246,7 +246,7 @@ async fn submissions_still_work_after_a_restart_in_which_every_earlier_command_h
     fleet.enroll("gw-1").await;
     let host = viworks_host::start(&fleet.config).await.expect("starts");
     let first = host.control().submit(health_request("gw-1", None)).await.expect("accepted");
-    host.control().cancel(&first.commands[0].0).expect("cancels the queued command");
+    host.control().cancel(&first.commands[0].0).await.expect("cancels the queued command");
     let store = host.control().store().clone();
     let finished =
         eventually(Duration::from_secs(3), async || store.unfinished_commands().await.is_ok_and(|c| c.is_empty()))

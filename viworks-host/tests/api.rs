@@ -41,11 +41,14 @@ impl Api {
         let mut fleet = Fleet::new().await;
         fleet.enroll("gw-1").await;
         tune(&mut fleet.config);
-        let store = viworks_host::open_store(&fleet.config.store).await.expect("opens the SQLite store");
+        let store =
+            viworks_host::open_store(&fleet.config.store, fleet.config.postgres).await.expect("opens the SQLite store");
         let pki = fleet.pki();
-        let control = Control::start(store.clone(), pki.master_key().clone(), fleet.config.control, Metrics::new())
-            .await
-            .expect("control starts");
+        let name = fleet.config.instance_name.clone();
+        let control =
+            Control::start(store.clone(), pki.master_key().clone(), fleet.config.control, Metrics::new(), name)
+                .await
+                .expect("control starts");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let addr = listener.local_addr().expect("address");
         let (stop, signal) = watch::channel(false);

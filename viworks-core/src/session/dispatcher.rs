@@ -364,6 +364,64 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Takes over commands another process (or an earlier session of this one) persisted: a
+    /// host instance that starts serving an agent adopts that agent's unfinished commands
+    /// from the shared store. The same rules as [`Dispatcher::recover`] apply: a command
+    /// recorded as sent counts as sent and never acknowledged, so it is retried (the agent's
+    /// ledger answers any it did take); acknowledged ones keep waiting for their results.
+    /// Adoption ignores the queue bounds, which were enforced when the commands were accepted,
+    /// and skips ids already held. Reports the agents that now have commands to send.
+    pub fn adopt(&mut self, now: Timestamp, records: impl IntoIterator<Item = CommandRecord>) {
+        let mut ready = BTreeSet::new();
+        for record in records {
+            let id = record.command.command_id.clone();
+            if self.records.contains_key(&id) || matches!(record.state, CommandState::Done(_)) {
+                continue;
+            }
+            self.next_order = self.next_order.max(record.order.saturating_add(1));
+            let sent = matches!(record.state, CommandState::Sent { .. });
+            let agent = record.command.agent_id.clone();
+            self.insert(record);
+            if sent {
+                self.retry_or_dead_letter(now, &id);
+            }
+            if self
+                .records
+                .get(&id)
+                .is_some_and(|r| matches!(r.state, CommandState::Queued { not_before } if not_before <= now))
+            {
+                ready.insert(agent);
+            }
+        }
+        self.events.extend(ready.into_iter().map(DispatchEvent::Ready));
+    }
+
+    /// Gives up every unfinished command of `agent` and returns their current records, for a
+    /// host instance that stops serving the agent and hands its commands back to the shared
+    /// store. Call [`Dispatcher::on_session_closed`] first so that commands sent and never
+    /// acknowledged are back in their queue. Reports no change: the driver persists the
+    /// returned records.
+    pub fn release_agent(&mut self, agent: &AgentId) -> Vec<CommandRecord> {
+        let ids: Vec<CommandId> = self
+            .records
+            .iter()
+            .filter(|(_, record)| record.command.agent_id == *agent)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut released = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.set_timer(&id, None);
+            if let Some(record) = self.records.remove(&id) {
+                released.push(record);
+            }
+        }
+        self.queues.remove(agent);
+        self.acked.remove(agent);
+        self.unfinished_per_agent.remove(agent);
+        released.sort_by_key(|record| record.order);
+        released
+    }
+
     /// Cancels a command that is waiting in its queue. A command waiting for a retry was sent
     /// before and may have run: its agent never acknowledged it, so cancelling it ends its
     /// delivery, not necessarily its effect.

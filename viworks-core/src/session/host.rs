@@ -328,6 +328,7 @@ impl Host {
             events: VecDeque::new(),
             presence: PresenceGuard { deadline, live: Arc::clone(&self.live) },
             end: None,
+            reject_key: welcome_key.clone(),
         })
     }
 
@@ -411,9 +412,21 @@ pub struct HostSession {
     events: VecDeque<HostEvent>,
     presence: PresenceGuard,
     end: Option<SessionEnd>,
+    /// The HELLO's handshake key, for [`HostSession::refuse`].
+    reject_key: MacKey,
 }
 
 impl HostSession {
+    /// Turns an admission back into a refusal, for a check the driver makes after
+    /// [`Host::accept`] (another host instance holds the agent's session, say). Call it before
+    /// the first [`HostSession::poll_transmit`]: the WELCOME is discarded unsent and the REJECT,
+    /// sealed with the HELLO's handshake key like any authenticated refusal, is returned to be
+    /// sent instead. The session's registry entry ends with it.
+    pub fn refuse(self, now: Timestamp, code: RejectCode, retry_after: Option<Duration>) -> Refusal {
+        let reply = reject(&self.reject_key, now, code, Some(self.hello.nonce), retry_after);
+        Refusal { code, claimed_agent: Some(self.hello.agent_id.clone()), authenticated: true, reply }
+    }
+
     /// This session's number, unique within its [`Host`].
     pub fn id(&self) -> u64 {
         self.id

@@ -16,7 +16,7 @@ use viworks_core::session::{HostEvent, HostSession, Refusal, Violation};
 use viworks_core::wire::{AgentId, CloseCode, CommandResult, RejectCode, Telemetry};
 
 use super::EndpointConfig;
-use crate::control::{Control, Stop};
+use crate::control::{AttachError, Control, Stop};
 use crate::metrics::Metrics;
 use crate::store::{Store, TelemetryRow};
 use crate::tls;
@@ -158,6 +158,33 @@ impl<S: Store + Clone> Connection<S> {
         );
     }
 
+    /// Refuses a session that could not be attached: a REJECT instead of its WELCOME.
+    async fn not_attached(&self, socket: &mut Socket, session: HostSession, error: AttachError) {
+        let control = &self.control;
+        let agent = session.agent_id().clone();
+        let (code, retry_after) = match &error {
+            AttachError::ElsewhereLive { retry_after, .. } => (RejectCode::DuplicateAgent, *retry_after),
+            _ => (RejectCode::Overloaded, std::time::Duration::from_secs(5)),
+        };
+        let refusal = session.refuse(control.now(), code, Some(retry_after));
+        tracing::warn!(%agent, peer = %self.peer, %error, "agent session not attached");
+        if let AttachError::ElsewhereLive { instance, .. } = &error {
+            Metrics::count(&control.metrics().refused, "duplicate_agent");
+            control.audit_security(
+                agent.as_str(),
+                "security.hello_refused.duplicate_agent",
+                vec![agent.to_string()],
+                "duplicate_agent",
+                serde_json::json!({ "peer": self.peer.to_string(), "held_by": instance, "authenticated": true }),
+            );
+        }
+        if let Err(error) = control.store().agent_disconnected(&agent, control.now()).await {
+            tracing::debug!(%agent, %error, "recording the refused session's end failed");
+        }
+        let _ = socket.send(WsMessage::Binary(refusal.reply.into())).await;
+        let _ = socket.close(None).await;
+    }
+
     /// Runs an admitted session until it ends.
     async fn drive(self, mut socket: Socket, mut session: HostSession) {
         let control = self.control.clone();
@@ -166,7 +193,13 @@ impl<S: Store + Clone> Connection<S> {
         if let Err(error) = control.store().agent_connected(session.hello(), now).await {
             tracing::error!(%agent, %error, "recording the agent's connection failed");
         }
-        let attachment = control.attach(&mut session);
+        let attachment = match control.attach(&mut session).await {
+            Ok(attachment) => attachment,
+            Err(error) => {
+                self.not_attached(&mut socket, session, error).await;
+                return;
+            }
+        };
         tracing::info!(%agent, peer = %self.peer, session = session.id(), "agent session established");
         control.audit_event(
             agent.as_str(),
@@ -279,7 +312,7 @@ impl<S: Store + Clone> Connection<S> {
             }
         }
         if let Some((end, in_flight)) = closed {
-            control.detach(&agent, session.id(), &in_flight);
+            control.detach(&agent, session.id(), &in_flight).await;
             control.audit_event(
                 agent.as_str(),
                 "session.closed",

@@ -12,8 +12,9 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    AgentFilter, AgentRecord, AuditEntry, AuditFilter, ChainVerdict, CommandFilter, DeadLetterRow, JobInsert,
-    JobRecord, NewAudit, Store, StoreError, StoreStats, StoredCommand, TelemetryQuery, TelemetryRow, TokenRecord,
+    AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
+    DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Store,
+    StoreError, StoreStats, StoredCommand, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
 
 /// One of the stores. Cheap to clone: clones share the writer or the pool.
@@ -69,7 +70,7 @@ impl Store for AnyStore {
         fn agent_disconnected(&self, id: &AgentId, at: Timestamp) -> ();
         fn set_revoked(&self, id: &AgentId, revoked: bool) -> bool;
         fn set_maintenance(&self, id: &AgentId, on: bool) -> bool;
-        fn create_job(&self, job: &JobRecord, commands: &[CommandRecord]) -> JobInsert;
+        fn create_job(&self, job: &JobRecord, commands: &[CommandRecord], bounds: QueueBounds) -> JobInsert;
         fn save_commands(&self, records: &[CommandRecord]) -> ();
         fn max_order(&self) -> Option<u64>;
         fn unfinished_commands(&self) -> Vec<CommandRecord>;
@@ -87,5 +88,31 @@ impl Store for AnyStore {
         fn create_token(&self, token: &TokenRecord) -> ();
         fn token(&self, token_hash: &str) -> Option<TokenRecord>;
         fn stats(&self) -> StoreStats;
+        fn register_instance(&self, instance: &InstanceRecord) -> ();
+        fn renew_instance(&self, instance_id: &str, lease_until: Timestamp) -> bool;
+        fn deregister_instance(&self, instance_id: &str) -> ();
+        fn reap_instances(&self, now: Timestamp) -> Vec<String>;
+        fn instances(&self) -> Vec<InstanceRecord>;
+        fn claim_presence(&self, agent: &AgentId, instance_id: &str, session: u64, now: Timestamp) -> PresenceClaim;
+        fn release_presence(&self, agent: &AgentId, instance_id: &str, session: u64) -> ();
+        fn claim_commands(&self, instance_id: &str, scope: &ClaimScope) -> Vec<CommandRecord>;
+        fn release_commands(&self, instance_id: &str, records: &[CommandRecord]) -> ();
+        fn expire_unowned(&self, now: Timestamp, queue_ttl: Duration) -> Vec<CommandRecord>;
+        fn cancel_unowned(&self, id: &CommandId, now: Timestamp) -> CancelOutcome;
+        fn request_cancel(&self, id: &CommandId) -> ();
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        match self {
+            AnyStore::Sqlite(store) => store.pool_status(),
+            AnyStore::Postgres(store) => store.pool_status(),
+        }
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<Wakeup>> {
+        match self {
+            AnyStore::Sqlite(store) => store.wakeups(),
+            AnyStore::Postgres(store) => store.wakeups(),
+        }
     }
 }

@@ -3,16 +3,17 @@
 //! [`StoreError::Corrupt`] rather than a panic. Both databases store `u64`s as signed 64-bit
 //! integers, so both use the same saturating mapping and read each other's rules back.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use viworks_core::Timestamp;
-use viworks_core::session::{CommandState, DeadLetter, Terminal};
-use viworks_core::wire::{IdError, ResultStatus};
+use viworks_core::session::{CommandRecord, CommandState, DeadLetter, Terminal};
+use viworks_core::wire::{AgentId, IdError, ResultStatus};
 
-use super::{NewAudit, StoreError};
+use super::{NewAudit, QueueBounds, StoreError};
 
 pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt { table, detail: detail.into() }
@@ -151,3 +152,57 @@ impl StateColumns {
         columns
     }
 }
+
+/// The dead-letter record of an unowned command whose timer ran out at `now`, if it did:
+/// queued (or sent by an instance that died) past `queue_ttl` since submission, or
+/// acknowledged past its result deadline. The rule the dispatcher applies to the commands it
+/// holds, applied to the rows no dispatcher holds.
+pub(super) fn expired(record: &CommandRecord, now: Timestamp, queue_ttl: Duration) -> Option<CommandRecord> {
+    let reason = match record.state {
+        CommandState::Queued { .. } | CommandState::Sent { .. }
+            if record.submitted_at.saturating_add(queue_ttl) <= now =>
+        {
+            DeadLetter::QueueExpired
+        }
+        CommandState::Acked { deadline } if deadline <= now => DeadLetter::NoResult,
+        _ => return None,
+    };
+    let mut finished = record.clone();
+    finished.state = CommandState::Done(Terminal::DeadLettered(reason));
+    Some(finished)
+}
+
+/// Checks a job's commands against `bounds`, given the unfinished commands stored now
+/// (`stored_total`) and per target agent (`stored_per_agent`, agents absent have none).
+pub(super) fn check_bounds(
+    commands: &[CommandRecord],
+    stored_total: u64,
+    stored_per_agent: &BTreeMap<String, u64>,
+    bounds: QueueBounds,
+) -> Result<(), StoreError> {
+    let total = usize::try_from(stored_total).unwrap_or(usize::MAX);
+    let global = total.saturating_add(commands.len()) > bounds.max_commands;
+    let mut new_per_agent: BTreeMap<&AgentId, usize> = BTreeMap::new();
+    for record in commands {
+        *new_per_agent.entry(&record.command.agent_id).or_default() += 1;
+    }
+    let agents: Vec<AgentId> = new_per_agent
+        .into_iter()
+        .filter(|(agent, new)| {
+            let stored = stored_per_agent.get(agent.as_str()).copied().unwrap_or(0);
+            usize::try_from(stored).unwrap_or(usize::MAX).saturating_add(*new) > bounds.per_agent
+        })
+        .map(|(agent, _)| agent.clone())
+        .collect();
+    if global || !agents.is_empty() { Err(StoreError::QueueFull { global, agents }) } else { Ok(()) }
+}
+
+/// The distinct target agents of a job's commands.
+pub(super) fn targets(commands: &[CommandRecord]) -> Vec<String> {
+    let unique: BTreeSet<&str> = commands.iter().map(|r| r.command.agent_id.as_str()).collect();
+    unique.into_iter().map(str::to_owned).collect()
+}
+
+/// A job's targets above which the stores count every agent's unfinished commands in one
+/// grouped scan instead of one indexed count per target.
+pub(super) const PER_TARGET_COUNTS: usize = 64;

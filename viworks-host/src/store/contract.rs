@@ -24,8 +24,9 @@ use viworks_core::wire::{
 };
 
 use super::{
-    AgentFilter, AgentRecord, AuditFilter, ChainVerdict, CommandFilter, JobInsert, JobRecord, NewAudit, Role, Store,
-    StoreError, StoredCommand, TelemetryQuery, TelemetryRow, TokenRecord,
+    AgentFilter, AgentRecord, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter, InstanceRecord,
+    JobInsert, JobRecord, NewAudit, PresenceClaim, QueueBounds, Role, Store, StoreError, StoredCommand, TelemetryQuery,
+    TelemetryRow, TokenRecord,
 };
 use crate::audit::chain;
 
@@ -61,6 +62,12 @@ macro_rules! store_contract_tests {
             stats_count_commands_by_state_dead_letters_and_latest_telemetry,
             many_concurrent_writes_are_all_durable,
             the_highest_order_covers_finished_commands_too,
+            jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_follow_the_store,
+            commands_are_claimed_only_for_agents_present_here_and_released_with_their_state,
+            presence_is_taken_over_by_a_newer_session_of_the_same_instance_only,
+            timers_of_unowned_commands_run_from_their_rows,
+            cancelling_an_unowned_command_and_what_cannot_be_cancelled,
+            a_deregistered_instance_lets_go_of_everything,
         );
     };
     (@cases $fresh:path; $($case:ident),* $(,)?) => {
@@ -229,7 +236,7 @@ async fn enroll<S: Store>(store: &S, agents: &[AgentRecord]) {
 }
 
 async fn create<S: Store>(store: &S, job: &JobRecord, commands: &[CommandRecord]) {
-    assert_eq!(store.create_job(job, commands).await.expect("create job"), JobInsert::Created);
+    assert_eq!(store.create_job(job, commands, QueueBounds::UNBOUNDED).await.expect("create job"), JobInsert::Created);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,7 +385,10 @@ pub(crate) async fn the_same_key_and_request_returns_the_existing_job_and_stores
     // The client's retry: the API made a new job id and command ids for it.
     let (mut retry, retry_commands) = job_of("job-2", Some((key("k-1"), digest(1))), &[("cmd-2", "gw-1")], 1);
     retry.created_at = at(60_000);
-    assert_eq!(store.create_job(&retry, &retry_commands).await.expect("resolve"), JobInsert::Existing(first.job_id));
+    assert_eq!(
+        store.create_job(&retry, &retry_commands, QueueBounds::UNBOUNDED).await.expect("resolve"),
+        JobInsert::Existing(first.job_id)
+    );
     assert_eq!(store.job(&retry.job_id).await.expect("read"), None);
     assert_eq!(store.command(&command_id("cmd-2")).await.expect("read"), None);
     assert_eq!(store.unfinished_commands().await.expect("read"), commands, "nothing stored twice");
@@ -388,7 +398,7 @@ pub(crate) async fn the_same_key_with_another_request_conflicts_and_stores_nothi
     let (first, commands) = job_of("job-1", Some((key("k-1"), digest(1))), &[("cmd-1", "gw-1")], 0);
     create(store, &first, &commands).await;
     let (other, other_commands) = job_of("job-2", Some((key("k-1"), digest(2))), &[("cmd-2", "gw-1")], 1);
-    match store.create_job(&other, &other_commands).await {
+    match store.create_job(&other, &other_commands, QueueBounds::UNBOUNDED).await {
         Err(StoreError::IdempotencyConflict(k)) => assert_eq!(k, key("k-1")),
         got => panic!("expected a conflict, got {got:?}"),
     }
@@ -405,7 +415,7 @@ pub(crate) async fn jobs_without_a_key_are_always_new<S: Store>(store: &S) {
     assert_eq!(store.unfinished_commands().await.expect("read").len(), 2);
     let (again, again_commands) = job_of("job-1", None, &[("cmd-3", "gw-1")], 2);
     assert!(
-        matches!(store.create_job(&again, &again_commands).await, Err(StoreError::Exists(_))),
+        matches!(store.create_job(&again, &again_commands, QueueBounds::UNBOUNDED).await, Err(StoreError::Exists(_))),
         "a job id is unique"
     );
 }
@@ -419,7 +429,10 @@ pub(crate) async fn an_expired_key_starts_a_new_job<S: Store>(store: &S) {
     let mut retry = later.clone();
     retry.job_id = job_id("job-3");
     retry.created_at = later.created_at.saturating_add(Duration::from_secs(1));
-    assert_eq!(store.create_job(&retry, &[]).await.expect("resolve"), JobInsert::Existing(later.job_id.clone()));
+    assert_eq!(
+        store.create_job(&retry, &[], QueueBounds::UNBOUNDED).await.expect("resolve"),
+        JobInsert::Existing(later.job_id.clone())
+    );
     assert!(store.job(&first.job_id).await.expect("read").is_some(), "the old job stays");
 }
 
@@ -428,7 +441,10 @@ pub(crate) async fn a_failing_job_stores_none_of_its_commands<S: Store>(store: &
     create(store, &first, &commands).await;
     let (second, second_commands) =
         job_of("job-2", Some((key("k-2"), digest(2))), &[("cmd-2", "gw-1"), ("cmd-1", "gw-2")], 1);
-    assert!(matches!(store.create_job(&second, &second_commands).await, Err(StoreError::Exists(_))));
+    assert!(matches!(
+        store.create_job(&second, &second_commands, QueueBounds::UNBOUNDED).await,
+        Err(StoreError::Exists(_))
+    ));
     assert_eq!(store.job(&second.job_id).await.expect("read"), None);
     assert_eq!(store.command(&command_id("cmd-2")).await.expect("read"), None);
     assert_eq!(store.unfinished_commands().await.expect("read"), commands);
@@ -458,7 +474,8 @@ pub(crate) async fn every_command_state_round_trips<S: Store>(store: &S) {
     ];
     let names: Vec<String> = (0..states.len()).map(|n| format!("cmd-{n}")).collect();
     let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "gw-1")).collect();
-    let (job, commands) = job_of("job-1", None, &pairs, 10);
+    // The store numbers commands from 0 in a fresh store; the records say the same.
+    let (job, commands) = job_of("job-1", None, &pairs, 0);
     create(store, &job, &commands).await;
     let saved: Vec<CommandRecord> = commands
         .iter()
@@ -473,7 +490,7 @@ pub(crate) async fn every_command_state_round_trips<S: Store>(store: &S) {
     }
 
     // One command through its whole life, one save at a time.
-    let (job, commands) = job_of("job-2", None, &[("life", "gw-2")], 100);
+    let (job, commands) = job_of("job-2", None, &[("life", "gw-2")], 14);
     create(store, &job, &commands).await;
     let life = [
         with_state(&commands[0], CommandState::Sent { session: 1 }, 1),
@@ -491,10 +508,8 @@ pub(crate) async fn every_command_state_round_trips<S: Store>(store: &S) {
 pub(crate) async fn unfinished_commands_exclude_terminal_ones_in_submission_order<S: Store>(store: &S) {
     let (job, commands) =
         job_of("job-1", None, &[("c0", "gw-1"), ("c1", "gw-2"), ("c2", "gw-1"), ("c3", "gw-1"), ("c4", "gw-2")], 0);
-    // Submitted out of order: the order field, not insertion, decides.
-    let shuffled =
-        [commands[3].clone(), commands[0].clone(), commands[4].clone(), commands[1].clone(), commands[2].clone()];
-    create(store, &job, &shuffled).await;
+    // The store numbers them in the order given; the listing follows that order.
+    create(store, &job, &commands).await;
     store
         .save_commands(&[
             with_state(&commands[1], CommandState::Sent { session: 3 }, 1),
@@ -831,11 +846,175 @@ pub(crate) async fn many_concurrent_writes_are_all_durable<S: Store>(store: &S) 
 pub(crate) async fn the_highest_order_covers_finished_commands_too<S: Store>(store: &S) {
     assert_eq!(store.max_order().await.expect("reads"), None, "an empty store has no order");
     let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1")], 5);
-    store.create_job(&job, &commands).await.expect("creates");
+    store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("creates");
     store
         .save_commands(&[done(&commands[0], Terminal::Succeeded), done(&commands[1], Terminal::Failed)])
         .await
         .expect("saves");
     assert!(store.unfinished_commands().await.expect("reads").is_empty());
-    assert_eq!(store.max_order().await.expect("reads"), Some(6), "finished commands still hold their orders");
+    assert_eq!(store.max_order().await.expect("reads"), Some(1), "finished commands still hold their orders");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instances, presence and ownership
+
+fn instance(id: &str, lease_until: u64) -> InstanceRecord {
+    InstanceRecord {
+        instance_id: id.into(),
+        name: format!("{id} on test"),
+        started_at: at(0),
+        lease_until: at(lease_until),
+    }
+}
+
+fn owner_of_nothing(records: &[CommandRecord]) -> Vec<String> {
+    records.iter().map(|r| r.command.command_id.to_string()).collect()
+}
+
+pub(crate) async fn jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_follow_the_store<S: Store>(store: &S) {
+    let bounds = QueueBounds { max_commands: 3, per_agent: 2 };
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1")], 40);
+    assert_eq!(store.create_job(&job, &commands, bounds).await.expect("fits"), JobInsert::Created);
+    let (job, commands) = job_of("job-2", None, &[("cmd-3", "gw-1")], 0);
+    match store.create_job(&job, &commands, bounds).await {
+        Err(StoreError::QueueFull { global: false, agents }) => assert_eq!(agents, vec![agent_id("gw-1")]),
+        other => panic!("expected the agent's queue to be full, got {other:?}"),
+    }
+    let (job, commands) = job_of("job-3", None, &[("cmd-4", "gw-2"), ("cmd-5", "gw-3")], 0);
+    assert!(matches!(store.create_job(&job, &commands, bounds).await, Err(StoreError::QueueFull { global: true, .. })));
+    assert!(store.job(&job_id("job-3")).await.expect("reads").is_none(), "a refused job stores nothing");
+    let (job, commands) = job_of("job-4", None, &[("cmd-6", "gw-2")], 0);
+    store.create_job(&job, &commands, bounds).await.expect("fits");
+    let orders: Vec<u64> = store.unfinished_commands().await.expect("reads").iter().map(|r| r.order).collect();
+    assert_eq!(orders, vec![0, 1, 2], "the store numbers commands consecutively, whatever the records said");
+    // Finished commands leave the bound.
+    let first = store.command(&command_id("cmd-1")).await.expect("reads").expect("stored").record;
+    store.save_commands(&[done(&first, Terminal::Succeeded)]).await.expect("saves");
+    let (job, commands) = job_of("job-5", None, &[("cmd-7", "gw-1")], 0);
+    store.create_job(&job, &commands, bounds).await.expect("room again");
+}
+
+pub(crate) async fn commands_are_claimed_only_for_agents_present_here_and_released_with_their_state<S: Store>(
+    store: &S,
+) {
+    store.register_instance(&instance("inst-a", 60_000)).await.expect("registers");
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1"), ("cmd-3", "gw-2")], 0);
+    create(store, &job, &commands).await;
+    let nothing = store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims");
+    assert!(nothing.is_empty(), "no agent is present here: {:?}", owner_of_nothing(&nothing));
+    assert_eq!(
+        store.claim_presence(&agent_id("gw-1"), "inst-a", 7, at(1)).await.expect("claims"),
+        PresenceClaim::Claimed
+    );
+    let claimed = store.claim_commands("inst-a", &ClaimScope::Job(job_id("job-1"))).await.expect("claims");
+    assert_eq!(owner_of_nothing(&claimed), vec!["cmd-1", "cmd-2"], "only the present agent's, in order");
+    assert!(store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims").is_empty(), "held already");
+    // Handed back in the state the dispatcher left them, then claimable again.
+    let sent = with_state(&claimed[0], CommandState::Sent { session: 7 }, 1);
+    let acked = with_state(&claimed[1], CommandState::Acked { deadline: at(9_000) }, 1);
+    store.release_commands("inst-a", &[sent.clone(), acked.clone()]).await.expect("releases");
+    store.release_presence(&agent_id("gw-1"), "inst-a", 7).await.expect("releases");
+    assert!(store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims").is_empty(), "absent again");
+    assert_eq!(
+        store.claim_presence(&agent_id("gw-1"), "inst-a", 8, at(2)).await.expect("claims"),
+        PresenceClaim::Claimed
+    );
+    let again = store.claim_commands("inst-a", &ClaimScope::Agent(agent_id("gw-1"))).await.expect("claims");
+    assert_eq!(again, vec![sent, acked], "released state is what the next holder adopts");
+    // A release from an instance that does not hold a command changes nothing.
+    let stale = with_state(&commands[2], CommandState::Sent { session: 1 }, 1);
+    store.release_commands("inst-a", &[stale]).await.expect("no-op");
+    let third = store.command(&command_id("cmd-3")).await.expect("reads").expect("stored");
+    assert!(matches!(third.record.state, CommandState::Queued { .. }));
+}
+
+pub(crate) async fn presence_is_taken_over_by_a_newer_session_of_the_same_instance_only<S: Store>(store: &S) {
+    let gw = agent_id("gw-1");
+    assert!(
+        matches!(store.claim_presence(&gw, "inst-a", 1, at(1)).await, Err(StoreError::NotRegistered(_))),
+        "an unregistered instance cannot hold agents"
+    );
+    store.register_instance(&instance("inst-a", 60_000)).await.expect("registers");
+    assert_eq!(store.claim_presence(&gw, "inst-a", 1, at(1)).await.expect("claims"), PresenceClaim::Claimed);
+    assert_eq!(store.claim_presence(&gw, "inst-a", 2, at(2)).await.expect("claims"), PresenceClaim::Claimed);
+    // The older session's release leaves the newer one's presence.
+    store.release_presence(&gw, "inst-a", 1).await.expect("releases");
+    assert_eq!(store.claim_presence(&gw, "inst-a", 3, at(3)).await.expect("claims"), PresenceClaim::Claimed);
+    assert!(store.renew_instance("inst-a", at(120_000)).await.expect("renews"));
+    assert!(!store.renew_instance("inst-unknown", at(120_000)).await.expect("renews"), "unknown instances are told");
+    let instances = store.instances().await.expect("lists");
+    assert_eq!(instances.len(), 1);
+    assert_eq!(instances[0].lease_until, at(120_000));
+    assert_eq!(store.claim_presence(&gw, "inst-a", 4, at(200_000)).await.ok(), None, "a lapsed lease holds nothing");
+}
+
+pub(crate) async fn timers_of_unowned_commands_run_from_their_rows<S: Store>(store: &S) {
+    let ttl = Duration::from_secs(60);
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1"), ("cmd-3", "gw-2")], 0);
+    create(store, &job, &commands).await;
+    store
+        .save_commands(&[with_state(&commands[1], CommandState::Acked { deadline: at(30_000) }, 1)])
+        .await
+        .expect("saves");
+    assert!(store.expire_unowned(at(29_999), ttl).await.expect("sweeps").is_empty(), "nothing is due yet");
+    let due = store.expire_unowned(at(30_000), ttl).await.expect("sweeps");
+    assert_eq!(owner_of_nothing(&due), vec!["cmd-2"]);
+    assert_eq!(due[0].state, CommandState::Done(Terminal::DeadLettered(DeadLetter::NoResult)));
+    let due = store.expire_unowned(at(60_000), ttl).await.expect("sweeps");
+    assert_eq!(owner_of_nothing(&due), vec!["cmd-1", "cmd-3"], "queued past the queue's time to live");
+    assert!(store.expire_unowned(at(90_000), ttl).await.expect("sweeps").is_empty(), "each expires once");
+    assert_eq!(store.dead_letters(10).await.expect("reads").len(), 3);
+    // A held command's timers are its holder's.
+    let (job, commands) = job_of("job-2", None, &[("cmd-4", "gw-1")], 0);
+    create(store, &job, &commands).await;
+    store.register_instance(&instance("inst-a", 900_000)).await.expect("registers");
+    store.claim_presence(&agent_id("gw-1"), "inst-a", 1, at(1)).await.expect("claims");
+    assert_eq!(store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims").len(), 1);
+    assert!(store.expire_unowned(at(800_000), ttl).await.expect("sweeps").is_empty());
+}
+
+pub(crate) async fn cancelling_an_unowned_command_and_what_cannot_be_cancelled<S: Store>(store: &S) {
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1"), ("cmd-3", "gw-2")], 0);
+    create(store, &job, &commands).await;
+    assert_eq!(store.cancel_unowned(&command_id("cmd-1"), at(5)).await.expect("cancels"), CancelOutcome::Cancelled);
+    let cancelled = store.command(&command_id("cmd-1")).await.expect("reads").expect("stored");
+    assert_eq!(cancelled.record.state, CommandState::Done(Terminal::Cancelled));
+    assert_eq!(
+        store.cancel_unowned(&command_id("cmd-1"), at(6)).await.expect("answers"),
+        CancelOutcome::NotCancellable("cancelled".into())
+    );
+    store.save_commands(&[with_state(&commands[1], CommandState::Sent { session: 1 }, 1)]).await.expect("saves");
+    assert_eq!(
+        store.cancel_unowned(&command_id("cmd-2"), at(6)).await.expect("answers"),
+        CancelOutcome::NotCancellable("sent".into())
+    );
+    store.register_instance(&instance("inst-a", 60_000)).await.expect("registers");
+    store.claim_presence(&agent_id("gw-2"), "inst-a", 1, at(1)).await.expect("claims");
+    store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims");
+    assert_eq!(
+        store.cancel_unowned(&command_id("cmd-3"), at(6)).await.expect("answers"),
+        CancelOutcome::Owned("inst-a".into())
+    );
+    assert_eq!(store.cancel_unowned(&command_id("cmd-9"), at(6)).await.expect("answers"), CancelOutcome::NotFound);
+}
+
+pub(crate) async fn a_deregistered_instance_lets_go_of_everything<S: Store>(store: &S) {
+    store.register_instance(&instance("inst-a", 60_000)).await.expect("registers");
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
+    create(store, &job, &commands).await;
+    store.claim_presence(&agent_id("gw-1"), "inst-a", 1, at(1)).await.expect("claims");
+    assert_eq!(store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims").len(), 1);
+    store.deregister_instance("inst-a").await.expect("deregisters");
+    assert!(store.instances().await.expect("lists").is_empty());
+    assert!(!store.renew_instance("inst-a", at(2)).await.expect("renews"), "it is told it is gone");
+    // Its command is nobody's again: the queue's timers apply, and a new instance claims it.
+    store.register_instance(&instance("inst-b", 60_000)).await.expect("registers");
+    assert_eq!(
+        store.claim_presence(&agent_id("gw-1"), "inst-b", 1, at(3)).await.expect("claims"),
+        PresenceClaim::Claimed
+    );
+    assert_eq!(store.claim_commands("inst-b", &ClaimScope::All).await.expect("claims").len(), 1);
+    assert!(store.reap_instances(at(59_999)).await.expect("reaps").is_empty());
+    assert_eq!(store.reap_instances(at(60_001)).await.expect("reaps"), vec!["inst-b".to_owned()]);
+    assert!(store.claim_commands("inst-b", &ClaimScope::All).await.is_ok());
 }

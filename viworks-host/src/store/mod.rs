@@ -50,6 +50,19 @@ pub enum StoreError {
     /// The writer is shutting down or gone.
     #[error("the store is closed")]
     Closed,
+    /// Accepting the job would exceed a queue bound: the store-wide limit of unfinished
+    /// commands, or the per-agent limit of the listed agents.
+    #[error("queues are full (store-wide: {global}, agents at their limit: {agents:?})")]
+    QueueFull {
+        /// Whether the store-wide bound was reached.
+        global: bool,
+        /// Targets whose own queue is full.
+        agents: Vec<AgentId>,
+    },
+    /// The instance is not registered (any more): its lease ran out and others took over
+    /// what it held. It must stop serving agents.
+    #[error("instance {0} is not registered; its lease ended")]
+    NotRegistered(String),
     /// A stored row could not be read back (corruption or a schema mismatch).
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -359,6 +372,95 @@ pub struct StoreStats {
     pub latest_telemetry: Option<Timestamp>,
 }
 
+/// How many unfinished commands the store accepts: checked by [`Store::create_job`] against
+/// every instance's commands, so the bound holds for the whole cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueBounds {
+    /// Unfinished commands across all agents.
+    pub max_commands: usize,
+    /// Unfinished commands per agent.
+    pub per_agent: usize,
+}
+
+impl QueueBounds {
+    /// No bound at all (tests and tools that load data).
+    pub const UNBOUNDED: QueueBounds = QueueBounds { max_commands: usize::MAX, per_agent: usize::MAX };
+}
+
+/// A host instance serving from the store. Its lease is renewed by its heartbeat; an instance
+/// whose lease ran out is dead, and whatever it held (agent presence, commands) may be taken
+/// over by the others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Unique per process start.
+    pub instance_id: String,
+    /// A name for operators (the machine's host name and the agent endpoint, say).
+    pub name: String,
+    /// When it registered.
+    pub started_at: Timestamp,
+    /// When its lease ends unless renewed.
+    pub lease_until: Timestamp,
+}
+
+/// What [`Store::claim_presence`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PresenceClaim {
+    /// The calling instance now holds the agent's presence.
+    Claimed,
+    /// A live instance holds it: the agent is connected there.
+    HeldBy {
+        /// That instance.
+        instance_id: String,
+        /// Until when its lease runs, unless renewed.
+        lease_until: Timestamp,
+    },
+}
+
+/// Which unfinished commands [`Store::claim_commands`] takes over. Only commands of agents
+/// whose presence the claiming instance holds are ever claimed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimScope {
+    /// This agent's.
+    Agent(AgentId),
+    /// This job's.
+    Job(JobId),
+    /// Every agent's the instance holds (the periodic sweep).
+    All,
+}
+
+/// What [`Store::cancel_unowned`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The command was queued and no instance held it: it is cancelled now.
+    Cancelled,
+    /// An instance holds it in its dispatcher; only that instance can cancel it.
+    Owned(String),
+    /// It is past its queue (this state name): sent, acknowledged or finished.
+    NotCancellable(String),
+    /// No such command.
+    NotFound,
+}
+
+/// A cross-instance wake-up delivered by [`Store::wakeups`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    /// A job was stored: claim its commands for the agents held here.
+    Job(JobId),
+    /// An operator asked to cancel a command: cancel it if it is held here and still queued.
+    Cancel(CommandId),
+}
+
+/// How busy the store's connection pool is, for health reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStatus {
+    /// Connections the pool may open.
+    pub max: usize,
+    /// Connections in use by a call now.
+    pub in_use: usize,
+    /// Calls waiting for a connection.
+    pub waiting: usize,
+}
+
 /// Durable state of the control plane. Implementations: [`sqlite::SqliteStore`], and Postgres.
 ///
 /// Futures are `Send` so the host can await them from any task. Reads never wait behind
@@ -393,11 +495,17 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a job and its commands atomically, resolving its idempotency key first with
     /// [`viworks_core::idempotency::resolve`]: the same key and digest gives
     /// [`JobInsert::Existing`] and stores nothing; the same key with another digest fails
-    /// with [`StoreError::IdempotencyConflict`].
+    /// with [`StoreError::IdempotencyConflict`]; more unfinished commands than `bounds` allow
+    /// fails with [`StoreError::QueueFull`] and stores nothing. Submissions are serialised
+    /// across instances, so the bounds hold for the whole cluster. The store assigns the
+    /// commands' orders, consecutive and above every stored one, in the given sequence (the
+    /// records' own `order` is ignored). New commands are held by no instance; the store
+    /// announces the job through [`Store::wakeups`] to every instance.
     fn create_job(
         &self,
         job: &JobRecord,
         commands: &[CommandRecord],
+        bounds: QueueBounds,
     ) -> impl Future<Output = Result<JobInsert, StoreError>> + Send;
 
     /// Persists command lifecycle records (upsert by command id). A command already in a
@@ -465,4 +573,89 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts for health and metrics.
     fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+
+    /// The connection pool's occupancy.
+    fn pool_status(&self) -> PoolStatus;
+
+    // ---- instances sharing the store ---------------------------------------------------------
+
+    /// Registers a starting instance. A store only one process can serve (SQLite) treats
+    /// every other registered instance as dead and releases what it held.
+    fn register_instance(&self, instance: &InstanceRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Renews an instance's lease, and with it every agent presence it holds. False when the
+    /// instance is no longer registered: it was declared dead and must stop serving.
+    fn renew_instance(
+        &self,
+        instance_id: &str,
+        lease_until: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Removes an instance, its presences, and its hold on commands (shutdown).
+    fn deregister_instance(&self, instance_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes every instance whose lease ended before `now` the same way, and returns them.
+    fn reap_instances(&self, now: Timestamp) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Registered instances, by id.
+    fn instances(&self) -> impl Future<Output = Result<Vec<InstanceRecord>, StoreError>> + Send;
+
+    /// Records that `instance_id` serves `agent` in `session`, unless another instance whose
+    /// lease runs past `now` does. The same instance may take over from its own earlier
+    /// session.
+    fn claim_presence(
+        &self,
+        agent: &AgentId,
+        instance_id: &str,
+        session: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<PresenceClaim, StoreError>> + Send;
+
+    /// Ends the presence of `agent` in `session` of `instance_id` (a newer one is kept).
+    fn release_presence(
+        &self,
+        agent: &AgentId,
+        instance_id: &str,
+        session: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes over the unfinished commands in `scope` of the agents whose presence
+    /// `instance_id` holds, from no one or from an instance that lost the agent, skipping rows
+    /// another transaction holds (they are found by the next sweep). Returns them in order.
+    fn claim_commands(
+        &self,
+        instance_id: &str,
+        scope: &ClaimScope,
+    ) -> impl Future<Output = Result<Vec<CommandRecord>, StoreError>> + Send;
+
+    /// Saves the records of commands `instance_id` gives up and lets go of them, in one
+    /// transaction; commands it no longer holds are left alone.
+    fn release_commands(
+        &self,
+        instance_id: &str,
+        records: &[CommandRecord],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Runs the timers of commands no instance holds, from their rows: queued ones older than
+    /// `queue_ttl` and acknowledged ones past their result deadline are dead-lettered. Each
+    /// is finished by exactly one caller, whichever instance sweeps first. Returns them.
+    fn expire_unowned(
+        &self,
+        now: Timestamp,
+        queue_ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<CommandRecord>, StoreError>> + Send;
+
+    /// Cancels a queued command that no instance holds.
+    fn cancel_unowned(
+        &self,
+        id: &CommandId,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<CancelOutcome, StoreError>> + Send;
+
+    /// Asks every instance to cancel `id` if it holds it (see [`Wakeup::Cancel`]).
+    fn request_cancel(&self, id: &CommandId) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Wake-ups from other instances, or `None` for a store one process serves alone (there
+    /// is no one to hear from). A dropped notification is made up for by the periodic sweep.
+    fn wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<Wakeup>>;
 }

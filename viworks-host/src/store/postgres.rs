@@ -23,14 +23,16 @@ use viworks_core::idempotency::{
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, NewCommand, Terminal};
 use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, ResultError, ResultStatus, Verb};
 
+mod cluster;
+
 use super::columns::{
-    StateColumns, as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from,
-    status_name, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    PER_TARGET_COUNTS, StateColumns, as_stored, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
+    millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
-    AgentFilter, AgentRecord, AuditEntry, AuditFilter, ChainVerdict, CommandFilter, DeadLetterRow, JobInsert,
-    JobRecord, NewAudit, Role, Store, StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery,
-    TelemetryRow, TokenRecord,
+    AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
+    DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Role, Store,
+    StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
 use crate::audit::chain;
 
@@ -151,6 +153,28 @@ const MIGRATIONS: &[&str] = &[
         revoked    BOOLEAN NOT NULL
     );
     "#,
+    // Version 2: instances sharing the database, the presence of each connected agent, and
+    // which instance holds each unfinished command.
+    r#"
+    CREATE TABLE instances (
+        instance_id TEXT COLLATE "C" PRIMARY KEY,
+        name        TEXT NOT NULL,
+        started_at  BIGINT NOT NULL,
+        lease_until BIGINT NOT NULL
+    );
+
+    CREATE TABLE presence (
+        agent_id    TEXT COLLATE "C" PRIMARY KEY,
+        instance_id TEXT COLLATE "C" NOT NULL,
+        session     BIGINT NOT NULL,
+        since       BIGINT NOT NULL
+    );
+    CREATE INDEX presence_instance ON presence (instance_id);
+
+    ALTER TABLE commands ADD COLUMN owner TEXT COLLATE "C";
+    CREATE INDEX commands_unfinished ON commands (agent_id) WHERE state IN ('queued', 'sent', 'acked');
+    CREATE INDEX commands_owner ON commands (owner) WHERE owner IS NOT NULL;
+    "#,
 ];
 
 /// The states a command leaves; every other state name is terminal.
@@ -166,6 +190,11 @@ const LOCK_NAMESPACE: i32 = 0x5657_5331;
 const LOCK_MIGRATIONS: i32 = 1;
 /// Held while appending to the audit chain, so that no two appends share a predecessor.
 const LOCK_AUDIT: i32 = 2;
+/// Held while a job is checked against the queue bounds and numbered, so that the bounds and
+/// the order hold across instances.
+const LOCK_SUBMIT: i32 = 3;
+/// The channel instances notify each other on (see [`Wakeup`](super::Wakeup)).
+const CHANNEL: &str = "viworks_dispatch";
 /// Namespace of the per-key locks taken while resolving an idempotency key.
 const LOCK_NAMESPACE_IDEMPOTENCY: i32 = 0x5657_5332;
 
@@ -195,6 +224,8 @@ impl Default for PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the listening connection, which lives outside the pool.
+    config: std::sync::Arc<tokio_postgres::Config>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -236,6 +267,7 @@ impl PostgresStore {
             };
             config.options(combined);
         }
+        let listen_config = std::sync::Arc::new(config.clone());
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
@@ -243,7 +275,7 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Database(format!("cannot build the connection pool: {e}")))?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore { pool, config: listen_config };
         store.migrate().await?;
         Ok(store)
     }
@@ -526,6 +558,31 @@ impl PreparedCommand {
     }
 }
 
+/// Unfinished commands stored now: in all, and for each target agent of `records` that has any.
+async fn unfinished_counts<C: GenericClient>(
+    client: &C,
+    records: &[CommandRecord],
+) -> Result<(u64, std::collections::BTreeMap<String, u64>), StoreError> {
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let total: i64 =
+        client.query_one(&format!("SELECT COUNT(*) FROM commands WHERE state IN {UNFINISHED}"), &[]).await.db()?.get(0);
+    let agents = targets(records);
+    let rows = if agents.len() <= PER_TARGET_COUNTS {
+        let sql = format!(
+            "SELECT agent_id, COUNT(*) FROM commands WHERE agent_id = ANY($1) AND state IN {UNFINISHED} GROUP BY agent_id"
+        );
+        client.query(&sql, &[&agents]).await.db()?
+    } else {
+        let sql = format!("SELECT agent_id, COUNT(*) FROM commands WHERE state IN {UNFINISHED} GROUP BY agent_id");
+        client.query(&sql, &[]).await.db()?
+    };
+    let mut per_agent = std::collections::BTreeMap::new();
+    for row in rows {
+        per_agent.insert(get::<String>(&row, 0, "commands")?, count(get(&row, 1, "commands")?));
+    }
+    Ok((count(total), per_agent))
+}
+
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (command_id, agent_id, reason, attempts, at) \
                                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (command_id) DO NOTHING";
 
@@ -731,9 +788,15 @@ impl Store for PostgresStore {
         Ok(client.execute(&statement, &[&id.as_str(), &on]).await.db()? > 0)
     }
 
-    async fn create_job(&self, job: &JobRecord, commands: &[CommandRecord]) -> Result<JobInsert, StoreError> {
+    async fn create_job(
+        &self,
+        job: &JobRecord,
+        commands: &[CommandRecord],
+        bounds: QueueBounds,
+    ) -> Result<JobInsert, StoreError> {
         let args = json_text(&job.args)?;
-        let commands = commands.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
+        let records = commands;
+        let mut commands = commands.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
         let mut client = self.client().await?;
         // Dropping the transaction on any error below rolls it back: all or nothing.
         let tx = client.transaction().await.db()?;
@@ -789,6 +852,13 @@ impl Store for PostgresStore {
             None => (None, None),
         };
         let created_at = ts_sql(job.created_at);
+        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NAMESPACE, &LOCK_SUBMIT]).await.db()?;
+        let (total, per_agent) = unfinished_counts(&tx, records).await?;
+        check_bounds(records, total, &per_agent, bounds)?;
+        let first: i64 = tx.query_one("SELECT COALESCE(MAX(order_seq), -1) + 1 FROM commands", &[]).await.db()?.get(0);
+        for (command, order) in commands.iter_mut().zip(first..) {
+            command.order = order;
+        }
         tx.execute(
             "INSERT INTO jobs (job_id, req_id, actor, verb, args, created_at, idempotency_key, request_digest) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -847,6 +917,8 @@ impl Store for PostgresStore {
         for command in &commands {
             insert_dead_letter(&tx, command, created_at).await?;
         }
+        // Delivered to every listening instance when, and only if, the job commits.
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("job:{job_id}")]).await.db()?;
         tx.commit().await.db()?;
         Ok(JobInsert::Created)
     }
@@ -1310,11 +1382,77 @@ impl Store for PostgresStore {
             latest_telemetry,
         })
     }
+
+    fn pool_status(&self) -> PoolStatus {
+        let status = self.pool.status();
+        PoolStatus { max: status.max_size, in_use: status.size - status.available, waiting: status.waiting }
+    }
+
+    async fn register_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError> {
+        self.register(instance).await
+    }
+
+    async fn renew_instance(&self, instance_id: &str, lease_until: Timestamp) -> Result<bool, StoreError> {
+        self.renew(instance_id, lease_until).await
+    }
+
+    async fn deregister_instance(&self, instance_id: &str) -> Result<(), StoreError> {
+        self.deregister(instance_id).await
+    }
+
+    async fn reap_instances(&self, now: Timestamp) -> Result<Vec<String>, StoreError> {
+        self.reap(now).await
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.list_instances().await
+    }
+
+    async fn claim_presence(
+        &self,
+        agent: &AgentId,
+        instance_id: &str,
+        session: u64,
+        now: Timestamp,
+    ) -> Result<PresenceClaim, StoreError> {
+        self.presence_claim(agent, instance_id, session, now).await
+    }
+
+    async fn release_presence(&self, agent: &AgentId, instance_id: &str, session: u64) -> Result<(), StoreError> {
+        self.presence_release(agent, instance_id, session).await
+    }
+
+    async fn claim_commands(&self, instance_id: &str, scope: &ClaimScope) -> Result<Vec<CommandRecord>, StoreError> {
+        self.commands_claim(instance_id, scope).await
+    }
+
+    async fn release_commands(&self, instance_id: &str, records: &[CommandRecord]) -> Result<(), StoreError> {
+        self.commands_release(instance_id, records).await
+    }
+
+    async fn expire_unowned(&self, now: Timestamp, queue_ttl: Duration) -> Result<Vec<CommandRecord>, StoreError> {
+        self.unowned_expire(now, queue_ttl).await
+    }
+
+    async fn cancel_unowned(&self, id: &CommandId, now: Timestamp) -> Result<CancelOutcome, StoreError> {
+        self.unowned_cancel(id, now).await
+    }
+
+    async fn request_cancel(&self, id: &CommandId) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("cancel:{id}")]).await.db()?;
+        Ok(())
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<Wakeup>> {
+        Some(self.listen())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::QueueBounds;
     use crate::store::{contract, pg_cluster};
 
     /// A store on a fresh database of the shared test cluster; the guard is its name.
@@ -1429,7 +1567,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone(), options()).await.expect("open");
         store.enroll_agent(&contract::agent_record("gw-1", "fra")).await.expect("enroll");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
         let tamper = raw(&config).await;
         tamper.execute("UPDATE agents SET agent_id = 'not an id!'", &[]).await.expect("tamper");
         tamper.execute("UPDATE commands SET state = 'exploded'", &[]).await.expect("tamper");

@@ -9,6 +9,7 @@
 //! `synchronous=FULL`, so `Ok` means durable. One fsync covers a whole group, which is what
 //! lets many concurrent writers share the disk's few flushes per second.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,14 +27,16 @@ use viworks_core::idempotency::{
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, NewCommand, Terminal};
 use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, ResultError, ResultStatus, Verb};
 
+mod cluster;
+
 use super::columns::{
-    StateColumns, as_stored, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from,
-    status_name, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    PER_TARGET_COUNTS, StateColumns, as_stored, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
+    millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
-    AgentFilter, AgentRecord, AuditEntry, AuditFilter, ChainVerdict, CommandFilter, DeadLetterRow, JobInsert,
-    JobRecord, NewAudit, Role, Store, StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery,
-    TelemetryRow, TokenRecord,
+    AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
+    DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Role, Store,
+    StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
 use crate::audit::chain;
 
@@ -150,6 +153,28 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         revoked    INTEGER NOT NULL
     ) STRICT;
+    "#,
+    // Version 2: instances sharing the database, the presence of each connected agent, and
+    // which instance holds each unfinished command.
+    r#"
+    CREATE TABLE instances (
+        instance_id TEXT PRIMARY KEY NOT NULL,
+        name        TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        lease_until INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE presence (
+        agent_id    TEXT PRIMARY KEY NOT NULL,
+        instance_id TEXT NOT NULL,
+        session     INTEGER NOT NULL,
+        since       INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX presence_instance ON presence (instance_id);
+
+    ALTER TABLE commands ADD COLUMN owner TEXT;
+    CREATE INDEX commands_unfinished ON commands (agent_id) WHERE state IN ('queued', 'sent', 'acked');
+    CREATE INDEX commands_owner ON commands (owner) WHERE owner IS NOT NULL;
     "#,
 ];
 
@@ -570,6 +595,7 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 // The read pool
 
 struct ReadPool {
+    size: usize,
     idle: Mutex<Vec<Connection>>,
     /// One permit per connection: holding one guarantees `idle` is not empty.
     permits: Arc<Semaphore>,
@@ -578,7 +604,7 @@ struct ReadPool {
 impl ReadPool {
     fn new(connections: Vec<Connection>) -> Self {
         let permits = Arc::new(Semaphore::new(connections.len()));
-        ReadPool { idle: Mutex::new(connections), permits }
+        ReadPool { size: connections.len(), idle: Mutex::new(connections), permits }
     }
 
     fn checkout(&self) -> Result<PooledConnection<'_>, StoreError> {
@@ -928,6 +954,41 @@ fn insert_dead_letter(conn: &Connection, command: &PreparedCommand, at: i64) -> 
     Ok(())
 }
 
+/// Unfinished commands stored now: in all, and for each target agent of `records` that has any.
+fn unfinished_counts(conn: &Connection, records: &[CommandRecord]) -> Result<(u64, BTreeMap<String, u64>), StoreError> {
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let total: i64 = conn
+        .prepare_cached(&format!("SELECT COUNT(*) FROM commands WHERE state IN {UNFINISHED}"))
+        .db()?
+        .query_row([], |row| row.get(0))
+        .db()?;
+    let mut per_agent = BTreeMap::new();
+    let agents = targets(records);
+    if agents.len() <= PER_TARGET_COUNTS {
+        let mut statement = conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND state IN {UNFINISHED}"))
+            .db()?;
+        for agent in agents {
+            let n: i64 = statement.query_row([&agent], |row| row.get(0)).db()?;
+            if n > 0 {
+                per_agent.insert(agent, count(n));
+            }
+        }
+    } else {
+        let mut statement = conn
+            .prepare_cached(&format!(
+                "SELECT agent_id, COUNT(*) FROM commands WHERE state IN {UNFINISHED} GROUP BY agent_id"
+            ))
+            .db()?;
+        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))).db()?;
+        for row in rows {
+            let (agent, n) = row.db()?;
+            per_agent.insert(agent, count(n));
+        }
+    }
+    Ok((count(total), per_agent))
+}
+
 /// A command record encoded for its row, built before it goes to the writer.
 struct PreparedCommand {
     command_id: String,
@@ -1204,10 +1265,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_job(&self, job: &JobRecord, commands: &[CommandRecord]) -> Result<JobInsert, StoreError> {
+    async fn create_job(
+        &self,
+        job: &JobRecord,
+        commands: &[CommandRecord],
+        bounds: QueueBounds,
+    ) -> Result<JobInsert, StoreError> {
         let job = job.clone();
         let args = json_text(&job.args)?;
-        let commands = commands.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
+        let records = commands.to_vec();
+        let mut commands = commands.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
         self.write(move |conn| {
             if let Some((key, digest)) = &job.idempotency {
                 let earlier = conn
@@ -1270,7 +1337,15 @@ impl Store for SqliteStore {
                 digest
             ])
             .map_err(|e| insert_error(e, |_| format!("job {}", job.job_id)))?;
-            for command in &commands {
+            let (total, per_agent) = unfinished_counts(conn, &records)?;
+            check_bounds(&records, total, &per_agent, bounds)?;
+            let first: i64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(order_seq), -1) + 1 FROM commands")
+                .db()?
+                .query_row([], |row| row.get(0))
+                .db()?;
+            for (command, order) in commands.iter_mut().zip(first..) {
+                command.order = order;
                 insert_command(conn, job.job_id.as_str(), command, created_at)?;
             }
             Ok(JobInsert::Created)
@@ -1768,6 +1843,70 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    fn pool_status(&self) -> PoolStatus {
+        let readers = &self.inner.readers;
+        PoolStatus { max: readers.size, in_use: readers.size - readers.permits.available_permits(), waiting: 0 }
+    }
+
+    async fn register_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError> {
+        self.take_over(instance).await
+    }
+
+    async fn renew_instance(&self, instance_id: &str, lease_until: Timestamp) -> Result<bool, StoreError> {
+        self.renew(instance_id, lease_until).await
+    }
+
+    async fn deregister_instance(&self, instance_id: &str) -> Result<(), StoreError> {
+        self.deregister(instance_id).await
+    }
+
+    async fn reap_instances(&self, now: Timestamp) -> Result<Vec<String>, StoreError> {
+        self.reap(now).await
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.list_instances().await
+    }
+
+    async fn claim_presence(
+        &self,
+        agent: &AgentId,
+        instance_id: &str,
+        session: u64,
+        now: Timestamp,
+    ) -> Result<PresenceClaim, StoreError> {
+        self.presence_claim(agent, instance_id, session, now).await
+    }
+
+    async fn release_presence(&self, agent: &AgentId, instance_id: &str, session: u64) -> Result<(), StoreError> {
+        self.presence_release(agent, instance_id, session).await
+    }
+
+    async fn claim_commands(&self, instance_id: &str, scope: &ClaimScope) -> Result<Vec<CommandRecord>, StoreError> {
+        self.commands_claim(instance_id, scope).await
+    }
+
+    async fn release_commands(&self, instance_id: &str, records: &[CommandRecord]) -> Result<(), StoreError> {
+        self.commands_release(instance_id, records).await
+    }
+
+    async fn expire_unowned(&self, now: Timestamp, queue_ttl: Duration) -> Result<Vec<CommandRecord>, StoreError> {
+        self.unowned_expire(now, queue_ttl).await
+    }
+
+    async fn cancel_unowned(&self, id: &CommandId, now: Timestamp) -> Result<CancelOutcome, StoreError> {
+        self.unowned_cancel(id, now).await
+    }
+
+    async fn request_cancel(&self, _id: &CommandId) -> Result<(), StoreError> {
+        // One process serves a SQLite database: there is no other instance to ask.
+        Ok(())
+    }
+
+    fn wakeups(&self) -> Option<mpsc::Receiver<Wakeup>> {
+        None
+    }
 }
 
 fn read_telemetry(row: &Row<'_>) -> rusqlite::Result<(String, i64, String, f64)> {
@@ -1787,6 +1926,7 @@ fn decode_telemetry((agent_id, ts, metric_key, value): (String, i64, String, f64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::QueueBounds;
     use crate::store::contract;
     use serde_json::json;
 
@@ -1854,7 +1994,7 @@ mod tests {
         store.enroll_agent(&agent).await.expect("enroll");
         store.append_audit(&audit(1)).await.expect("append");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
         store.close().await;
 
         let store = SqliteStore::open(&path).expect("reopen");
@@ -1921,7 +2061,7 @@ mod tests {
         let (store, dir) = fresh().await;
         store.enroll_agent(&contract::agent_record("gw-1", "fra")).await.expect("enroll");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
         let conn = Connection::open(dir.path().join("nested").join("viworks.db")).expect("open the file");
         conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
         conn.execute("UPDATE agents SET agent_id = 'not an id!'", []).expect("tamper");

@@ -22,6 +22,7 @@ use viworks_host::store::{AgentRecord, Store};
 use viworks_host::tls::{self, InitOptions, Pki, Validity};
 
 mod http;
+pub mod process;
 pub use http::{Response, eventually, http};
 
 /// A data directory with a PKI, a database and the bundles of enrolled agents.
@@ -34,14 +35,22 @@ pub struct Fleet {
 impl Fleet {
     /// A fresh data directory; listeners on ephemeral loopback ports.
     pub async fn new() -> Fleet {
+        Fleet::on(None).await
+    }
+
+    /// A fresh data directory whose store is `store` (a URL), or SQLite in it.
+    pub async fn on(store: Option<String>) -> Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let overrides = Overrides {
             data_dir: Some(dir.path().join("data")),
             api_addr: Some("127.0.0.1:0".into()),
             agent_addr: Some("127.0.0.1:0".into()),
-            store: None,
+            store,
         };
-        let mut file = FileConfig::parse("[session]\nheartbeat_secs = 1\nliveness_secs = 3\n").expect("valid");
+        let mut file = FileConfig::parse(
+            "[session]\nheartbeat_secs = 1\nliveness_secs = 3\n[cluster]\nlease_secs = 3\nsweep_secs = 1\n",
+        )
+        .expect("valid");
         file.agents.public_url = Some("wss://localhost:1/ws/agent".into());
         let config = file.resolve(&overrides).expect("valid config");
         let initialized =
@@ -63,7 +72,7 @@ impl Fleet {
         let out = self.dir.path().join("bundles").join(agent);
         tls::write_bundle_with_validity(&self.pki(), &id, "test", "wss://localhost:1/ws/agent", &out, validity)
             .expect("bundle");
-        let store = viworks_host::open_store(&self.config.store).await.expect("store");
+        let store = viworks_host::open_store(&self.config.store, self.config.postgres).await.expect("store");
         store.enroll_agent(&AgentRecord::enrolled(id, "test", Timestamp::from_millis(1))).await.expect("enroll");
         store.close().await;
         out

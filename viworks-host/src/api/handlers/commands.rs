@@ -179,7 +179,7 @@ pub(super) async fn get<S: Store + Clone>(state: &ApiState<S>, call: &mut Call<'
 pub(super) async fn cancel<S: Store + Clone>(state: &ApiState<S>, call: &mut Call<'_>) -> Result<Reply, ApiError> {
     call.query.only(&[])?;
     let id: CommandId = call.param("command")?;
-    match state.control.cancel(&id) {
+    match state.control.cancel(&id).await {
         Ok(()) => Ok(Reply::Json(200, json!({ "command_id": id, "state": "cancelled" }))),
         Err(ControlError::NotFound(_)) => match state.control.store().command(&id).await? {
             // Known, but no longer unfinished.

@@ -10,19 +10,21 @@ use serde_json::json;
 use crate::api::ApiState;
 use crate::api::response::{self, Body};
 use crate::metrics::KindLabel;
-use crate::store::Store;
+use crate::store::{Store, StoreStats};
 
 /// A database slower than this to answer a ping is degraded.
 const SLOW_DATABASE: Duration = Duration::from_secs(1);
 
-/// `GET /internal/_healthz`: database (ok, latency), agents (online), queue (queued, in flight,
-/// free slots), telemetry (ingest lag), dead letters (count). 503 when the database fails or is
-/// slower than 1 s, or the queues have no free slot.
+/// `GET /internal/_healthz`: database (ok, latency, connection pool), this instance, agents
+/// (online here), queue (queued, in flight, free slots, across all instances), telemetry
+/// (ingest lag), dead letters (count). 503 when the database fails, is slower than 1 s or has
+/// its pool saturated with calls waiting, or the queues have no free slot.
 pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<Body> {
-    let queue = state.control.queue_stats();
     let store = state.control.store();
     let ping = store.ping().await;
     let stats = store.stats().await;
+    let pool = store.pool_status();
+    let queue = state.control.queue_stats(stats.as_ref().unwrap_or(&StoreStats::default()));
     let latency_ms = ping.as_ref().ok().map(|latency| latency.as_secs_f64() * 1000.0);
     let database_ok = matches!(&ping, Ok(latency) if *latency <= SLOW_DATABASE) && stats.is_ok();
     if let Err(error) = &ping {
@@ -37,8 +39,10 @@ pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<B
         .and_then(|s| s.latest_telemetry)
         .map(|latest| state.control.now().saturating_since(latest).as_millis() as u64);
     let queue_ok = queue.free_slots > 0;
+    // Every connection busy and calls queueing for one: requests are about to slow down.
+    let pool_saturated = pool.in_use >= pool.max && pool.waiting > 0;
     let mut degraded = Vec::new();
-    if !database_ok {
+    if !database_ok || pool_saturated {
         degraded.push("database");
     }
     if !queue_ok {
@@ -49,7 +53,12 @@ pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<B
         "status": if healthy { "ok" } else { "degraded" },
         "degraded": degraded,
         "components": {
-            "database": { "ok": database_ok, "latency_ms": latency_ms },
+            "database": {
+                "ok": database_ok,
+                "latency_ms": latency_ms,
+                "pool": { "max": pool.max, "in_use": pool.in_use, "waiting": pool.waiting, "saturated": pool_saturated },
+            },
+            "instance": { "ok": true, "id": state.control.instance().instance_id, "name": state.control.instance().name },
             "agents": { "ok": true, "online": queue.online },
             "queue": { "ok": queue_ok, "queued": queue.queued, "in_flight": queue.in_flight, "free_slots": queue.free_slots },
             "telemetry": { "ok": true, "lag_ms": lag_ms },
@@ -62,11 +71,11 @@ pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<B
 /// `GET /metrics`: refreshes the command-state and queue gauges, then renders every metric.
 pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<Body> {
     let metrics = state.control.metrics();
-    let queue = state.control.queue_stats();
-    metrics.queue_depth.set(queue.queued as i64);
-    metrics.in_flight.set(queue.in_flight as i64);
     match state.control.store().stats().await {
         Ok(stats) => {
+            let queue = state.control.queue_stats(&stats);
+            metrics.queue_depth.set(queue.queued as i64);
+            metrics.in_flight.set(queue.in_flight as i64);
             // States that emptied since the last scrape drop out of the store's counts; clear
             // so that they do not keep their old value.
             metrics.commands.clear();

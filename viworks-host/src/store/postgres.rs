@@ -583,6 +583,51 @@ async fn unfinished_counts<C: GenericClient>(
     Ok((count(total), per_agent))
 }
 
+/// Writes an unfinished command's new state (and its dead letter, when that is the state),
+/// returning whether it did. A terminal state is final: a stale or repeated record never
+/// reopens or re-finishes a command, so each command keeps exactly one terminal state; the
+/// command's content, order and submission time were fixed by create_job. With `releasing`,
+/// only a command that instance holds is written, and it is let go of.
+async fn write_state<C: GenericClient>(
+    client: &C,
+    command: &PreparedCommand,
+    at: i64,
+    releasing: Option<&str>,
+) -> Result<bool, StoreError> {
+    let s = &command.state;
+    let update = client
+        .prepare_cached(&format!(
+            "UPDATE commands SET state = $2, not_before = $3, session = $4, deadline = $5, \
+             terminal_reason = $6, terminal_attempts = $7, attempts = $8, updated_at = $9, \
+             owner = CASE WHEN $10::text IS NULL THEN owner END \
+             WHERE command_id = $1 AND state IN {UNFINISHED} AND ($10::text IS NULL OR owner = $10::text)"
+        ))
+        .await
+        .db()?;
+    let changed = client
+        .execute(
+            &update,
+            &[
+                &command.command_id,
+                &s.name,
+                &s.not_before,
+                &s.session,
+                &s.deadline,
+                &s.reason,
+                &s.reason_attempts,
+                &command.attempts,
+                &at,
+                &releasing,
+            ],
+        )
+        .await
+        .db()?;
+    if changed > 0 {
+        insert_dead_letter(client, command, at).await?;
+    }
+    Ok(changed > 0)
+}
+
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (command_id, agent_id, reason, attempts, at) \
                                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (command_id) DO NOTHING";
 
@@ -931,39 +976,9 @@ impl Store for PostgresStore {
         let at = ts_sql(now());
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
-        let update = tx
-            .prepare_cached(&format!(
-                "UPDATE commands SET state = $2, not_before = $3, session = $4, deadline = $5, \
-                 terminal_reason = $6, terminal_attempts = $7, attempts = $8, updated_at = $9 \
-                 WHERE command_id = $1 AND state IN {UNFINISHED}"
-            ))
-            .await
-            .db()?;
         let known = tx.prepare_cached("SELECT 1 FROM commands WHERE command_id = $1").await.db()?;
         for command in &commands {
-            let s = &command.state;
-            // A terminal state is final: a stale or repeated record never reopens or
-            // re-finishes a command, so each command keeps exactly one terminal state. The
-            // command's content, order and submission time were fixed by create_job.
-            let changed = tx
-                .execute(
-                    &update,
-                    &[
-                        &command.command_id,
-                        &s.name,
-                        &s.not_before,
-                        &s.session,
-                        &s.deadline,
-                        &s.reason,
-                        &s.reason_attempts,
-                        &command.attempts,
-                        &at,
-                    ],
-                )
-                .await
-                .db()?;
-            if changed > 0 {
-                insert_dead_letter(&tx, command, at).await?;
+            if write_state(&tx, command, at, None).await? {
                 continue;
             }
             if tx.query_opt(&known, &[&command.command_id]).await.db()?.is_none() {
@@ -1385,7 +1400,11 @@ impl Store for PostgresStore {
 
     fn pool_status(&self) -> PoolStatus {
         let status = self.pool.status();
-        PoolStatus { max: status.max_size, in_use: status.size - status.available, waiting: status.waiting }
+        PoolStatus {
+            max: status.max_size,
+            in_use: status.size.saturating_sub(status.available),
+            waiting: status.waiting,
+        }
     }
 
     async fn register_instance(&self, instance: &InstanceRecord) -> Result<(), StoreError> {

@@ -954,6 +954,45 @@ fn insert_dead_letter(conn: &Connection, command: &PreparedCommand, at: i64) -> 
     Ok(())
 }
 
+/// Writes an unfinished command's new state (and its dead letter, when that is the state),
+/// returning whether it did. A terminal state is final: a stale or repeated record never
+/// reopens or re-finishes a command, so each command keeps exactly one terminal state; the
+/// command's content, order and submission time were fixed by create_job. With `releasing`,
+/// only a command that instance holds is written, and it is let go of.
+fn write_state(
+    conn: &Connection,
+    command: &PreparedCommand,
+    at: i64,
+    releasing: Option<&str>,
+) -> Result<bool, StoreError> {
+    let s = &command.state;
+    let changed = conn
+        .prepare_cached(&format!(
+            "UPDATE commands SET state = ?2, not_before = ?3, session = ?4, deadline = ?5, \
+             terminal_reason = ?6, terminal_attempts = ?7, attempts = ?8, updated_at = ?9, \
+             owner = CASE WHEN ?10 IS NULL THEN owner END \
+             WHERE command_id = ?1 AND state IN {UNFINISHED} AND (?10 IS NULL OR owner = ?10)"
+        ))
+        .db()?
+        .execute(params![
+            command.command_id,
+            s.name,
+            s.not_before,
+            s.session,
+            s.deadline,
+            s.reason,
+            s.reason_attempts,
+            command.attempts,
+            at,
+            releasing,
+        ])
+        .db()?;
+    if changed > 0 {
+        insert_dead_letter(conn, command, at)?;
+    }
+    Ok(changed > 0)
+}
+
 /// Unfinished commands stored now: in all, and for each target agent of `records` that has any.
 fn unfinished_counts(conn: &Connection, records: &[CommandRecord]) -> Result<(u64, BTreeMap<String, u64>), StoreError> {
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -1361,31 +1400,7 @@ impl Store for SqliteStore {
         let at = ts_sql(now());
         self.write(move |conn| {
             for command in &commands {
-                let s = &command.state;
-                // A terminal state is final: a stale or repeated record never reopens or
-                // re-finishes a command, so each command keeps exactly one terminal state.
-                // The command's content, order and submission time were fixed by create_job.
-                let changed = conn
-                    .prepare_cached(&format!(
-                        "UPDATE commands SET state = ?2, not_before = ?3, session = ?4, deadline = ?5, \
-                         terminal_reason = ?6, terminal_attempts = ?7, attempts = ?8, updated_at = ?9 \
-                         WHERE command_id = ?1 AND state IN {UNFINISHED}"
-                    ))
-                    .db()?
-                    .execute(params![
-                        command.command_id,
-                        s.name,
-                        s.not_before,
-                        s.session,
-                        s.deadline,
-                        s.reason,
-                        s.reason_attempts,
-                        command.attempts,
-                        at,
-                    ])
-                    .db()?;
-                if changed > 0 {
-                    insert_dead_letter(conn, command, at)?;
+                if write_state(conn, command, at, None)? {
                     continue;
                 }
                 let known = conn

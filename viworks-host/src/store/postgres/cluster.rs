@@ -21,8 +21,7 @@ use viworks_core::session::CommandRecord;
 use viworks_core::wire::{AgentId, CommandId};
 
 use super::{
-    CHANNEL, COMMAND_COLUMNS, PgResult, PostgresStore, PreparedCommand, UNFINISHED, decode_command, get,
-    insert_dead_letter,
+    CHANNEL, COMMAND_COLUMNS, PgResult, PostgresStore, PreparedCommand, UNFINISHED, decode_command, get, write_state,
 };
 use crate::store::columns::{expired, now, session_sql, ts_from, ts_sql};
 use crate::store::{CancelOutcome, ClaimScope, InstanceRecord, PresenceClaim, StoreError, Wakeup};
@@ -216,37 +215,8 @@ impl PostgresStore {
         let at = ts_sql(now());
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
-        let release = tx
-            .prepare_cached(&format!(
-                "UPDATE commands SET state = $2, not_before = $3, session = $4, deadline = $5, \
-                 terminal_reason = $6, terminal_attempts = $7, attempts = $8, updated_at = $9, owner = NULL \
-                 WHERE command_id = $1 AND owner = $10 AND state IN {UNFINISHED}"
-            ))
-            .await
-            .db()?;
         for command in &commands {
-            let s = &command.state;
-            let changed = tx
-                .execute(
-                    &release,
-                    &[
-                        &command.command_id,
-                        &s.name,
-                        &s.not_before,
-                        &s.session,
-                        &s.deadline,
-                        &s.reason,
-                        &s.reason_attempts,
-                        &command.attempts,
-                        &at,
-                        &instance_id,
-                    ],
-                )
-                .await
-                .db()?;
-            if changed > 0 {
-                insert_dead_letter(&tx, command, at).await?;
-            }
+            write_state(&tx, command, at, Some(instance_id)).await?;
         }
         tx.commit().await.db()
     }
@@ -272,17 +242,9 @@ impl PostgresStore {
             }
         }
         let at = ts_sql(now);
+        // The rows are locked by this transaction: no instance takes them in between.
         for record in &finished {
-            let command = PreparedCommand::of(record)?;
-            let s = &command.state;
-            tx.execute(
-                "UPDATE commands SET state = $2, not_before = NULL, session = NULL, deadline = NULL, \
-                 terminal_reason = $3, terminal_attempts = $4, updated_at = $5 WHERE command_id = $1",
-                &[&command.command_id, &s.name, &s.reason, &s.reason_attempts, &at],
-            )
-            .await
-            .db()?;
-            insert_dead_letter(&tx, &command, at).await?;
+            write_state(&tx, &PreparedCommand::of(record)?, at, None).await?;
         }
         tx.commit().await.db()?;
         Ok(finished)

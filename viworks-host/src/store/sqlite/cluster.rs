@@ -10,9 +10,7 @@ use viworks_core::Timestamp;
 use viworks_core::session::CommandRecord;
 use viworks_core::wire::{AgentId, CommandId};
 
-use super::{
-    COMMAND_COLUMNS, CommandRow, PreparedCommand, SqlResult, SqliteStore, UNFINISHED, collect, insert_dead_letter,
-};
+use super::{COMMAND_COLUMNS, CommandRow, PreparedCommand, SqlResult, SqliteStore, UNFINISHED, collect, write_state};
 use crate::store::columns::{expired, session_sql, ts_from, ts_sql};
 use crate::store::{CancelOutcome, ClaimScope, InstanceRecord, PresenceClaim, StoreError};
 
@@ -211,32 +209,8 @@ impl SqliteStore {
         let commands = records.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
         let at = ts_sql(crate::store::columns::now());
         self.write(move |conn| {
-            let mut release = conn
-                .prepare_cached(&format!(
-                    "UPDATE commands SET state = ?2, not_before = ?3, session = ?4, deadline = ?5, \
-                     terminal_reason = ?6, terminal_attempts = ?7, attempts = ?8, updated_at = ?9, owner = NULL \
-                     WHERE command_id = ?1 AND owner = ?10 AND state IN {UNFINISHED}"
-                ))
-                .db()?;
             for command in &commands {
-                let s = &command.state;
-                let changed = release
-                    .execute(params![
-                        command.command_id,
-                        s.name,
-                        s.not_before,
-                        s.session,
-                        s.deadline,
-                        s.reason,
-                        s.reason_attempts,
-                        command.attempts,
-                        at,
-                        id,
-                    ])
-                    .db()?;
-                if changed > 0 {
-                    insert_dead_letter(conn, command, at)?;
-                }
+                write_state(conn, command, at, Some(&id))?;
             }
             Ok(())
         })
@@ -259,7 +233,10 @@ impl SqliteStore {
                 row.decode().map(|(r, _, _)| r)
             })?;
             let finished: Vec<CommandRecord> = due.iter().filter_map(|r| expired(r, now, queue_ttl)).collect();
-            finish_unowned(conn, &finished, ts_sql(now))?;
+            // Selected above in this same write: no instance took them in between.
+            for record in &finished {
+                write_state(conn, &PreparedCommand::of(record)?, ts_sql(now), None)?;
+            }
             Ok(finished)
         })
         .await
@@ -300,25 +277,5 @@ fn release_instance(conn: &Connection, instance: &str) -> Result<(), StoreError>
     conn.prepare_cached("DELETE FROM presence WHERE instance_id = ?1").db()?.execute([instance]).db()?;
     conn.prepare_cached("UPDATE commands SET owner = NULL WHERE owner = ?1").db()?.execute([instance]).db()?;
     conn.prepare_cached("DELETE FROM instances WHERE instance_id = ?1").db()?.execute([instance]).db()?;
-    Ok(())
-}
-
-/// Writes the terminal records of unowned commands (and their dead letters).
-fn finish_unowned(conn: &Connection, finished: &[CommandRecord], at: i64) -> Result<(), StoreError> {
-    let mut update = conn
-        .prepare_cached(&format!(
-            "UPDATE commands SET state = ?2, not_before = NULL, session = NULL, deadline = NULL, \
-             terminal_reason = ?3, terminal_attempts = ?4, updated_at = ?5 \
-             WHERE command_id = ?1 AND owner IS NULL AND state IN {UNFINISHED}"
-        ))
-        .db()?;
-    for record in finished {
-        let command = PreparedCommand::of(record)?;
-        let s = &command.state;
-        let changed = update.execute(params![command.command_id, s.name, s.reason, s.reason_attempts, at]).db()?;
-        if changed > 0 {
-            insert_dead_letter(conn, &command, at)?;
-        }
-    }
     Ok(())
 }

@@ -3,6 +3,10 @@
 //!
 //! The live count is held steady: the clock moves forward by one millisecond every
 //! `live / window_ms` checks, so each check inserts one nonce and (amortised) evicts one.
+//!
+//! The nonces are counters (`viworks_benches::nonce`), except in
+//! `check_insert_fresh_random_nonce`, which draws 32 random-looking bytes per nonce as real
+//! agents do, so that no table layout can profit from the counters' structure.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use viworks_benches::{agent_id, at, nonce};
 use viworks_core::Entropy;
 use viworks_core::auth::{NonceCache, NonceCacheConfig, NonceOutcome, SkewWindow};
-use viworks_core::wire::AgentId;
+use viworks_core::wire::{AgentId, Nonce};
 
 /// The skew window; nonces live this long.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -26,12 +30,13 @@ struct SteadyCache {
     agents: Vec<AgentId>,
     checks_per_ms: u64,
     next: u64,
+    random_nonces: bool,
 }
 
 impl SteadyCache {
     /// Fills a cache sized for `live` nonces (plus room for one millisecond of arrivals and
     /// slack) until it holds `live`, the same way the benchmark then keeps it there.
-    fn filled(live: usize) -> Self {
+    fn filled(live: usize, random_nonces: bool) -> Self {
         let window_ms = WINDOW.as_millis() as u64;
         let config = NonceCacheConfig {
             capacity: live + live / 8,
@@ -41,7 +46,8 @@ impl SteadyCache {
         };
         let cache = NonceCache::new(config, &mut Entropy::from_u64(1)).expect("a valid configuration");
         let agents = (0..live / LIVE_PER_AGENT).map(|n| agent_id(&format!("gw-{n:07}"))).collect();
-        let mut steady = SteadyCache { cache, agents, checks_per_ms: (live as u64 / window_ms).max(1), next: 0 };
+        let checks_per_ms = (live as u64 / window_ms).max(1);
+        let mut steady = SteadyCache { cache, agents, checks_per_ms, next: 0, random_nonces };
         for _ in 0..live {
             assert_eq!(steady.check(), NonceOutcome::Fresh, "filling takes every nonce");
         }
@@ -58,15 +64,30 @@ impl SteadyCache {
         self.next += 1;
         let now = at(n / self.checks_per_ms);
         let agent = &self.agents[(n % self.agents.len() as u64) as usize];
-        self.cache.check(agent, &nonce(n), now, now)
+        let nonce = if self.random_nonces { random_nonce(n) } else { nonce(n) };
+        self.cache.check(agent, &nonce, now, now)
     }
+}
+
+/// 32 bytes that look random, distinct for every `n`: SplitMix64 outputs.
+fn random_nonce(n: u64) -> Nonce {
+    let mut bytes = [0u8; 32];
+    let mut state = n.wrapping_mul(4);
+    for chunk in bytes.chunks_exact_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    Nonce(bytes)
 }
 
 fn check_and_insert(c: &mut Criterion) {
     let mut group = c.benchmark_group("nonce_cache/check_insert_fresh");
     group.throughput(Throughput::Elements(1));
     for live in [10_000, 1_000_000] {
-        let mut steady = SteadyCache::filled(live);
+        let mut steady = SteadyCache::filled(live, false);
         group.bench_with_input(BenchmarkId::from_parameter(format!("{live}_live")), &live, |b, _| {
             b.iter(|| {
                 let outcome = steady.check();
@@ -78,11 +99,26 @@ fn check_and_insert(c: &mut Criterion) {
     group.finish();
 }
 
+fn check_and_insert_random(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nonce_cache/check_insert_fresh_random_nonce");
+    group.throughput(Throughput::Elements(1));
+    let live = 1_000_000;
+    let mut steady = SteadyCache::filled(live, true);
+    group.bench_with_input(BenchmarkId::from_parameter(format!("{live}_live")), &live, |b, _| {
+        b.iter(|| {
+            let outcome = steady.check();
+            assert_eq!(outcome, NonceOutcome::Fresh);
+            black_box(outcome)
+        })
+    });
+    group.finish();
+}
+
 fn flood_over_quota(c: &mut Criterion) {
     let mut group = c.benchmark_group("nonce_cache/flood_over_quota");
     group.throughput(Throughput::Elements(1));
     for live in [10_000, 1_000_000] {
-        let mut steady = SteadyCache::filled(live);
+        let mut steady = SteadyCache::filled(live, false);
         let flooder = agent_id("flooder");
         // The clock stands still from here: the flooder's nonces never expire.
         let now = at(steady.next / steady.checks_per_ms);
@@ -106,6 +142,7 @@ fn flood_over_quota(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     check_and_insert(&mut c);
+    check_and_insert_random(&mut c);
     flood_over_quota(&mut c);
     c.final_summary();
 }

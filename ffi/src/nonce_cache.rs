@@ -48,7 +48,7 @@ impl From<NonceOutcome> for viw_nonce_outcome {
 /// Creates a cache of `capacity` nonces, at most `per_agent_quota` of them per agent (0 for
 /// `min(capacity, 64)`), holding each for `window_ms` (the clock-skew window) past its HELLO's
 /// timestamp. `seed` (32 bytes, from the operating system's generator) keys the fingerprint
-/// hash. All memory, about 56 bytes per nonce of capacity, is allocated here.
+/// hash. All memory, about 85 bytes per nonce of capacity, is allocated here.
 ///
 /// Fails with `VIW_ERR_INVALID_ARGUMENT` when a bound is zero or the quota exceeds the
 /// capacity. `*out` is set to null on failure.

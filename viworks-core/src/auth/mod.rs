@@ -8,9 +8,10 @@
 //! [`NonceCache`] has not seen. Servers are identified by the SPKI pin of their certificate
 //! ([`SpkiPin`], [`PinSet`]).
 
-mod fixed_table;
+mod agent_counts;
 pub mod keys;
 mod nonce_cache;
+mod nonce_table;
 mod pin;
 mod seal;
 

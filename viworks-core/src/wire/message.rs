@@ -360,7 +360,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Strict<T> {
 }
 
 /// Forwards everything to the inner deserializer, except that a struct is read only as a map.
-struct ObjectsOnly<D>(D);
+pub(super) struct ObjectsOnly<D>(pub(super) D);
 
 impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for ObjectsOnly<D> {
     type Error = D::Error;

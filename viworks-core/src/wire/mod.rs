@@ -16,6 +16,8 @@
 mod envelope;
 mod framer;
 pub(crate) mod ids;
+mod json_reader;
+mod json_writer;
 mod message;
 
 use thiserror::Error;

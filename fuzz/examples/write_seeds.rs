@@ -1,5 +1,7 @@
 //! Writes the seed inputs under `fuzz/seeds/<target>/` from the protocol's test vectors, the
-//! verb registry's examples and the example configurations, in each target's input format.
+//! verb registry's examples, the example configurations and the REST API's request bodies and
+//! queries (those of `docs/openapi.yaml` and `viworks-host/tests/api.rs`), in each target's
+//! input format.
 //!
 //! Run it after changing a target's input format or the vectors, and check the result in:
 //! `cargo run --manifest-path fuzz/Cargo.toml --example write_seeds`.
@@ -10,6 +12,7 @@ use serde_json::Value;
 use viworks_core::verbs::REGISTRY;
 use viworks_core::wire::{Limits, encode_frame};
 use viworks_fuzz::push_chunk;
+use viworks_host::api::router::ROUTES;
 
 const VECTORS: &str = include_str!("../../viworks-core/tests/vectors/v1.json");
 const GATEWAY_TOML: &str = include_str!("../../deploy/viworks-gateway.example.toml");
@@ -113,11 +116,24 @@ impl Seeds<'_> {
     }
 }
 
+/// Removes every seed this program wrote before, keeping the reproducers of fixed crashes
+/// (`regression-*`), which are checked in by hand.
+fn remove_generated(root: &Path) {
+    let Ok(targets) = std::fs::read_dir(root) else { return };
+    for target in targets {
+        let dir = target.expect("the seeds directory can be listed").path();
+        for seed in std::fs::read_dir(&dir).expect("a target's seeds can be listed") {
+            let path = seed.expect("a target's seeds can be listed").path();
+            if !path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("regression-")) {
+                std::fs::remove_file(&path).expect("an old seed can be removed");
+            }
+        }
+    }
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
-    if root.exists() {
-        std::fs::remove_dir_all(&root).expect("old seeds can be removed");
-    }
+    remove_generated(&root);
     let seeds = Seeds { root: &root };
     let (messages, rejections) = vectors();
 
@@ -196,6 +212,8 @@ fn main() {
     unknown.extend_from_slice(b"{\"all\":true}");
     seeds.write("verbs_parse", "unknown_verb", &unknown);
 
+    api_seeds(&seeds);
+
     seeds.write("host_config", "full.toml", HOST_TOML.as_bytes());
     seeds.write("host_config", "empty.toml", b"");
     for (format, name, text) in [(0u8, "example.toml", GATEWAY_TOML), (1, "example.env", GATEWAY_ENV)] {
@@ -203,4 +221,95 @@ fn main() {
         push_chunk(&mut seed, text.as_bytes());
         seeds.write("gateway_config", name, &seed);
     }
+}
+
+/// Command submissions the API tests send, accepted and refused alike.
+const SUBMISSIONS: &[(&str, &str)] = &[
+    ("health", r#"{"verb": "get_system_health", "args": {}, "targets": ["gw-1"]}"#),
+    (
+        "health_priority_timeout",
+        r#"{"verb": "get_system_health", "args": {}, "targets": ["gw-1"], "priority": 5, "timeout_secs": 30}"#,
+    ),
+    ("selector", r#"{"verb": "docker.ps", "selector": {"site": "lab", "capability": "docker", "status": "online"}}"#),
+    ("selector_empty", r#"{"verb": "get_system_health", "args": null, "selector": {}}"#),
+    ("unknown_verb", r#"{"verb": "rm_rf", "args": {}, "targets": ["gw-1"]}"#),
+    ("bad_username", r#"{"verb": "add_user", "args": {"username": "x; rm -rf /"}, "targets": ["gw-1"]}"#),
+    ("extra_arg", r#"{"verb": "get_system_health", "args": {"rm": true}, "targets": ["gw-1"]}"#),
+    ("long_timeout", r#"{"verb": "get_system_health", "args": {}, "targets": ["gw-1"], "timeout_secs": 999999}"#),
+    (
+        "stop_short_timeout",
+        r#"{"verb":"docker.stop","args":{"container":"web","timeout_secs":30},"targets":["gw-1"],"timeout_secs":5}"#,
+    ),
+    ("both", r#"{"verb": "get_system_health", "targets": ["gw-1"], "selector": {}}"#),
+    ("neither", r#"{"verb": "get_system_health"}"#),
+    ("bad_status", r#"{"verb": "get_system_health", "selector": {"status": "asleep"}}"#),
+    ("bad_target", r#"{"verb": "get_system_health", "targets": ["gw-1", "-x"]}"#),
+    ("verb_number", r#"{"verb": 1}"#),
+    ("misspelt", r#"{"verb": "get_system_health", "tragets": []}"#),
+    ("empty", ""),
+];
+
+/// Queries of the list routes, by the query target's operation byte.
+const QUERIES: &[(u8, &str, &str)] = &[
+    (0, "commands_filtered", "status=queued&agent=gw-1&verb=get_system_health"),
+    (0, "commands_page", "limit=50&cursor=17"),
+    (0, "commands_bad_status", "status=done"),
+    (0, "commands_typo", "stauts=queued"),
+    (1, "agents", "site=lab&status=online&capability=docker&limit=10&cursor=gw-1"),
+    (1, "agents_revoked", "status=revoked"),
+    (2, "audit", "action=api.commands.submit&actor=admin&limit=5&cursor=100"),
+    (3, "dead_letters", "limit=10"),
+    (4, "telemetry", "metric=cpu.usage&from=1000&to=2000&limit=10"),
+    (4, "telemetry_backwards", "from=2000&to=1000"),
+    (5, "none", ""),
+    (5, "escaped", "a=%41+b&c=%zz&d=%e2%82%ac"),
+];
+
+fn api_seeds(seeds: &Seeds<'_>) {
+    for (name, body) in SUBMISSIONS {
+        seeds.write("api_submit_body", name, body.as_bytes());
+    }
+    for spec in REGISTRY {
+        let args: Value = serde_json::from_str(spec.example).expect("a registry example is JSON");
+        let body = serde_json::json!({ "verb": spec.name, "args": args, "targets": ["gw-1", "gw-2"] });
+        seeds.write(
+            "api_submit_body",
+            &format!("example_{}", spec.name.replace('.', "_")),
+            body.to_string().as_bytes(),
+        );
+    }
+
+    for (pick, name, body) in [
+        (0u8, "enroll", r#"{"agent_id": "gw-2", "site": "lab"}"#),
+        (0, "enroll_bad_site", r#"{"agent_id": "gw-3", "site": "a\nVIW_AGENT_ID=evil"}"#),
+        (0, "enroll_bad_id", r#"{"agent_id": "../etc", "site": "lab"}"#),
+        (1, "maintenance_on", r#"{"maintenance": true}"#),
+        (1, "maintenance_off", r#"{"maintenance": false}"#),
+        (2, "token", r#"{"name": "ci", "role": "viewer"}"#),
+        (2, "token_bad_role", r#"{"name": "ci", "role": "root"}"#),
+    ] {
+        let mut seed = vec![pick];
+        seed.extend_from_slice(body.as_bytes());
+        seeds.write("api_agent_bodies", name, &seed);
+    }
+
+    for (pick, name, query) in QUERIES {
+        let mut seed = vec![*pick];
+        seed.extend_from_slice(query.as_bytes());
+        seeds.write("api_query_strings", name, &seed);
+    }
+    const METHODS: &[&str] = &["GET", "POST", "PATCH", "DELETE"];
+    for (n, route) in ROUTES.iter().enumerate() {
+        let method = METHODS.iter().position(|m| *m == route.method).expect("a method the target can pick");
+        let path = route.pattern.replace("{id}", "gw-1").replace("{agent_id}", "gw-1");
+        let mut seed = vec![6, u8::try_from(method).expect("few methods")];
+        seed.extend_from_slice(path.as_bytes());
+        seeds.write("api_query_strings", &format!("route_{n}"), &seed);
+    }
+    let mut pairs = vec![7];
+    for (key, value) in [("status", "queued"), ("agent", "gw 1/ü"), ("", "="), ("status", "again")] {
+        push_chunk(&mut pairs, key.as_bytes());
+        push_chunk(&mut pairs, value.as_bytes());
+    }
+    seeds.write("api_query_strings", "round_trip", &pairs);
 }

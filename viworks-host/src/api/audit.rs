@@ -39,15 +39,18 @@ pub struct Mutation<'a> {
     pub started: Instant,
 }
 
+/// The `args_hash` of a mutation whose handler noted none: of the body's canonical JSON, or,
+/// when it is not JSON (refused with 400) or empty, of the bytes as a JSON string, so that
+/// equal bodies still hash equal. Any bytes hash; the cost is one JSON parse.
+pub fn body_hash(body: &[u8]) -> String {
+    let value = serde_json::from_slice::<Value>(body)
+        .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(body).into_owned()));
+    audit::chain::args_hash(&value)
+}
+
 /// The audit record of `mutation`, with what its handler noted.
 pub fn record(mutation: &Mutation<'_>, note: AuditNote, ts: viworks_core::Timestamp) -> NewAudit {
-    let args_hash = note.args_hash.unwrap_or_else(|| {
-        // Not JSON (refused with 400) or empty: hash the bytes as a JSON string of them, so
-        // equal bodies still hash equal.
-        let value = serde_json::from_slice::<Value>(mutation.body)
-            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(mutation.body).into_owned()));
-        audit::chain::args_hash(&value)
-    });
+    let args_hash = note.args_hash.unwrap_or_else(|| body_hash(mutation.body));
     let targets = if note.targets.is_empty() {
         mutation.param.map(|p| vec![p.to_owned()]).unwrap_or_default()
     } else {

@@ -35,6 +35,21 @@ use crate::control::Control;
 use crate::tls::Pki;
 use request::Call;
 
+/// The parsers the handlers run on a request's body and query before they touch the store,
+/// public so that the fuzz targets feed them exactly what the router does. Each returns the
+/// checked request or the [`ApiError`] the client gets (400 for a malformed body or query, 422
+/// for a well-formed one with an invalid value), and never panics.
+pub mod input {
+    pub use super::audit::body_hash;
+    pub use super::handlers::{
+        AgentListing, AgentStatus, CheckedCommand, CreateTokenBody, EnrollBody, Enrollment, MAX_TARGETS,
+        MAX_TOKEN_NAME, SubmitBody, TelemetryRange, UpdateBody, agent_listing, audit_filter, command_filter,
+        dead_letters_limit, idempotency_scope, telemetry_range,
+    };
+    pub use super::request::{Query, json_body};
+    pub use super::views::STATES;
+}
+
 /// Request bodies larger than this are refused with 413, before more is read.
 pub const MAX_BODY: usize = 1024 * 1024;
 

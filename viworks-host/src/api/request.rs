@@ -47,20 +47,21 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    /// The body as JSON of type `T`; 400 when it is not.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        if self.body.is_empty() {
-            return Err(ApiError::BadRequest("a JSON body is required".into()));
-        }
-        serde_json::from_slice(&self.body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-    }
-
     /// The path parameter parsed as `T`; 404 naming `what` when it cannot be one, since no
     /// such resource can exist.
     pub fn param<T: FromStr>(&self, what: &str) -> Result<T, ApiError> {
         let text = self.param.unwrap_or_default();
         text.parse().map_err(|_| ApiError::NotFound(format!("no {what} {text:?}")))
     }
+}
+
+/// A request body as JSON of type `T`: 400 when it is empty, not JSON, or not of `T`'s shape
+/// (a wrong type, a missing or unknown field). Every body parser of the API goes through this.
+pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("a JSON body is required".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Decoded query parameters, in order.

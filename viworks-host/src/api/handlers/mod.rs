@@ -11,6 +11,12 @@ mod tokens;
 
 use hyper::Response;
 
+pub use agents::{AgentListing, AgentStatus, EnrollBody, Enrollment, UpdateBody, agent_listing};
+pub use audit::{audit_filter, dead_letters_limit};
+pub use commands::{CheckedCommand, MAX_TARGETS, SubmitBody, command_filter, idempotency_scope};
+pub use telemetry::{TelemetryRange, telemetry_range};
+pub use tokens::{CreateTokenBody, MAX_TOKEN_NAME};
+
 pub(super) use super::response::Reply;
 use super::response::{self, Body};
 use super::router::Route;

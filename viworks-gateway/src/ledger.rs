@@ -51,6 +51,9 @@ const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most memory SQLite's page cache may hold for the ledger, in KiB.
+const CACHE_KIB: i64 = 512;
+
 /// How long finished, acknowledged entries are kept, and how many.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -175,6 +178,10 @@ impl SqliteLedger {
         // this process crashing but not the machine losing power, and a command recorded
         // started could then run twice. `FULL` syncs the WAL at every commit.
         conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        // The page cache is the one part of the agent's memory that grows with the ledger:
+        // once filled by a busy spell it stays resident. Reads are by key or along an index,
+        // so a bound well below SQLite's default 2 MiB costs no extra I/O worth noticing.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(open_err)?;
         migrate(&mut conn, path)?;
         let retention = Retention { max_entries: retention.max_entries.max(1), ..retention };
         Ok(SqliteLedger { conn, retention })
@@ -596,12 +603,14 @@ mod tests {
     }
 
     #[test]
-    fn the_database_is_in_wal_mode_with_full_sync_in_a_private_directory() {
+    fn the_database_is_in_wal_mode_with_full_sync_a_bounded_cache_and_a_private_directory() {
         let (_dir, path, ledger) = ledger(16);
         let mode: String = ledger.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("pragma");
         assert_eq!(mode, "wal");
         let sync: i64 = ledger.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("pragma");
         assert_eq!(sync, 2, "FULL");
+        let cache: i64 = ledger.conn.query_row("PRAGMA cache_size", [], |r| r.get(0)).expect("pragma");
+        assert_eq!(cache, -CACHE_KIB, "the page cache is bounded in KiB");
         let dir_mode = std::fs::metadata(path.parent().expect("parent")).expect("stat").permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         let file_mode = std::fs::metadata(&path).expect("stat").permissions().mode();

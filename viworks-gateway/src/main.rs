@@ -51,7 +51,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread runs everything: the agent is idle nearly all the time and its work is I/O
+    // (the socket, processes, the Docker API). Each further thread would cost a stack and a
+    // malloc arena, and a multi-threaded runtime starts one worker per core, so the agent's
+    // memory would grow with the machine it runs on. Blocking calls (sysinfo, DNS) go to
+    // `spawn_blocking`, whose threads exist only while there is such work. The ledger's
+    // commits (an fsync each) hold the thread for a moment, as they held the main loop
+    // before; running commands wait on processes and sockets, so they hardly notice.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("viworks-gateway: cannot start the async runtime: {error}");
@@ -72,12 +79,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to standard error at the levels `RUST_LOG` gives: a comma-separated list of `level`
+/// and `target=level` directives, such as `info,viworks_gateway=debug`; `info` when it is
+/// unset or not such a list.
+///
+/// A plain target filter rather than `EnvFilter`: its span and field directives need a regex
+/// engine, whose code would be most of the agent's logging cost in memory.
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Err(_) => default(),
+        Ok(text) => text.parse::<Targets>().unwrap_or_else(|error| {
+            eprintln!("viworks-gateway: warning: RUST_LOG ignored ({error}); logging at info");
+            default()
+        }),
+    };
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().finish().with(filter).init(),
+        LogFormat::Text => builder.finish().with(filter).init(),
     }
 }

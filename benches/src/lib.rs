@@ -2,7 +2,10 @@
 //! size, and an established host and agent session pair driven in memory.
 //!
 //! The benchmarks themselves live in `benches/` (criterion); `docs/performance.md` explains
-//! how to run them and records the figures they produced.
+//! how to run them and records the figures they produced. The end-to-end load generator
+//! (`viworks-loadgen`) is in [`loadgen`].
+
+pub mod loadgen;
 
 use std::time::Duration;
 

@@ -1,0 +1,324 @@
+//! `viworks-loadgen`, the end-to-end load generator: a real `viworks-host` child process, a
+//! fleet of synthetic agents speaking the real protocol over real TLS WebSockets, and a bare
+//! TLS WebSocket echo baseline measured in the same run. `docs/performance.md` describes the
+//! method and records the figures.
+//!
+//! - [`options`]: the command line; [`cli`]: the binary's entry point.
+//! - [`process`]: the host and echo server children; [`system`]: fd limits, `/proc`.
+//! - [`fleet`]: certificates and enrollment; [`dial`] and [`agent`]: the synthetic agents.
+//! - [`api`]: the REST client; [`phases`]: what is measured; [`echo`]: the baseline.
+//! - [`probe`], [`stats`] and [`report`]: observations, percentiles, and the report.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod dial;
+pub mod echo;
+mod error;
+pub mod fleet;
+pub mod options;
+pub mod phases;
+pub mod probe;
+pub mod process;
+pub mod report;
+pub mod stats;
+pub mod system;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use error::LoadgenError;
+pub use options::Options;
+pub use report::Report;
+
+use agent::{Context, Orders};
+use api::Api;
+use echo::EchoPlan;
+use probe::Probe;
+use process::HostAddrs;
+use system::FD_MARGIN;
+
+/// The whole run's deadline (`--max-seconds`), which every wait respects.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline { at: tokio::time::Instant::now() + limit, limit }
+    }
+
+    /// When it passes.
+    pub fn instant(&self) -> tokio::time::Instant {
+        self.at
+    }
+
+    /// `span` from now, or the deadline if that is sooner.
+    pub fn within(&self, span: Duration) -> tokio::time::Instant {
+        (tokio::time::Instant::now() + span).min(self.at)
+    }
+
+    /// The error of `phase` running out of time, saying what was missing.
+    pub fn expired(&self, phase: &'static str, detail: String) -> LoadgenError {
+        LoadgenError::Deadline { phase, limit: self.limit, detail }
+    }
+
+    /// Runs `work` until it finishes or the deadline passes.
+    pub async fn run<T>(
+        &self,
+        phase: &'static str,
+        work: impl Future<Output = Result<T, LoadgenError>>,
+    ) -> Result<T, LoadgenError> {
+        match tokio::time::timeout_at(self.at, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.expired(phase, "the overall deadline (--max-seconds) passed".into())),
+        }
+    }
+}
+
+/// The host configuration the run uses: the API's rate limits out of the way (the load
+/// generator is one client issuing thousands of requests a second) and the chosen log level;
+/// everything else is the host's default.
+fn host_config(log_level: &str) -> String {
+    format!(
+        "[rate_limits]\nreads_per_minute = 1000000\nwrites_per_minute = 1000000\nper_ip_per_minute = 1000000\n\n\
+         [log]\nlevel = {}\n",
+        toml_string(log_level)
+    )
+}
+
+fn toml_string(text: &str) -> String {
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c if c.is_control() => Vec::new(),
+            c => vec![c],
+        })
+        .collect();
+    format!("\"{escaped}\"")
+}
+
+/// Runs every phase against a fresh host and returns the figures. Fails when the host cannot
+/// be set up or the fleet cannot connect; a later phase that fails is reported in the
+/// [`Report`] and the run goes on.
+pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
+    options.validate().map_err(LoadgenError::InvalidOptions)?;
+    let deadline = Deadline::after(options.max_duration());
+    let load_at_start = system::load_average();
+    let n = options.agents;
+    let needed = n as u64 + options.http_connections as u64 + FD_MARGIN;
+    let loadgen_files = system::raise_file_limit(needed)?;
+    let host_bin = match &options.host_bin {
+        Some(path) => path.clone(),
+        None => process::default_host_bin()?,
+    };
+    let echo_bin = match &options.echo_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().map_err(LoadgenError::io("locate", "the current executable"))?,
+    };
+    let (data_dir, temp) = match &options.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("viworks-loadgen-")
+                .tempdir()
+                .map_err(LoadgenError::io("create", std::env::temp_dir()))?;
+            (temp.path().join("data"), Some(temp))
+        }
+    };
+    let database = data_dir.join("viworks.db");
+    let store = format!("sqlite://{}", database.display());
+
+    tracing::info!(data_dir = %data_dir.display(), host = %host_bin.display(), "initialising the host");
+    let token = deadline.run("viworks-host init", process::init_host(&host_bin, &data_dir, &store)).await?;
+    tracing::info!(agents = n, "issuing agent certificates");
+    let issuing = {
+        let dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || fleet::issue(&dir, n))
+    };
+    let identities = deadline
+        .run("issuing certificates", async {
+            issuing.await.map_err(|e| LoadgenError::Internal { what: "issuing certificates", reason: e.to_string() })?
+        })
+        .await?;
+    let identities = Arc::new(identities);
+    deadline.run("enrolling agents", fleet::enroll(&database, &identities)).await?;
+    let config_path = data_dir.join("loadgen-host.toml");
+    std::fs::write(&config_path, host_config(&options.host_log_level))
+        .map_err(LoadgenError::io("write", &config_path))?;
+
+    let addrs = HostAddrs {
+        api: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
+        agents: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
+    };
+    tracing::info!(api = %addrs.api, agents = %addrs.agents, "starting the host");
+    let mut host = deadline
+        .run("starting the host", process::serve_host(&host_bin, &data_dir, &config_path, &store, addrs))
+        .await?;
+    let host_files = host.file_limit()?;
+    let host_needed = n as u64 + FD_MARGIN;
+    if host_files.soft < host_needed {
+        return Err(LoadgenError::FileLimit { whose: "the host's", needed: host_needed, limit: host_files.soft });
+    }
+    let settle = options::seconds(options.settle_seconds);
+    tokio::time::sleep(settle).await;
+    let idle = host.memory()?;
+    let mut meter = system::CpuMeter::start(host.pid());
+    let mut cpu = Vec::new();
+
+    let probe = Arc::new(Probe::default());
+    let (orders, orders_rx) = watch::channel(Orders::default());
+    let context = Context {
+        target: addrs.agents,
+        url: format!("wss://{}:{}/ws/agent", dial::SERVER_NAME, addrs.agents.port()),
+        clock: viworks_gateway::clock::Clock::start(),
+        probe: Arc::clone(&probe),
+        orders: orders_rx,
+        concurrency: options.agent_concurrency,
+        metric_keys: agent::metric_keys(options.telemetry_batch),
+    };
+    tracing::info!(agents = n, "connecting the fleet");
+    let (mut fleet, connect) =
+        phases::connect(&identities, &context, options.connect_concurrency, options.conns_per_source, deadline).await?;
+    tracing::info!(seconds = connect.wall.as_secs_f64(), "fleet connected");
+    cpu.push(meter.lap("connect"));
+    tokio::time::sleep(settle).await;
+    host.check_alive()?;
+    let connected = host.memory()?;
+    let loadgen_rss = system::memory_of(std::process::id()).map(|m| m.rss).unwrap_or(0);
+
+    let api = Arc::new(Api::new(addrs.api, token));
+    let agents = Arc::new(std::mem::take(&mut fleet.agents));
+    tracing::info!("broadcast");
+    meter.lap("settle");
+    let broadcast = phases::broadcast(&api, &probe, deadline).await.map_err(|e| e.to_string());
+    cpu.push(meter.lap("broadcast"));
+    tracing::info!(rate = options.rate, "round trips");
+    let round_trip = phases::round_trip(
+        &api,
+        &probe,
+        &agents,
+        options.rate,
+        options::seconds(options.rate_seconds),
+        options.http_connections,
+        deadline,
+    )
+    .await
+    .map_err(|e| e.to_string());
+    cpu.push(meter.lap("round trips"));
+    tracing::info!("sustained throughput");
+    let sustained = phases::sustained(
+        &api,
+        &probe,
+        &agents,
+        options::seconds(options.sustained_seconds),
+        options.sustained_batch,
+        options.sustained_outstanding,
+        options.sustained_submitters,
+        deadline,
+    )
+    .await
+    .map_err(|e| e.to_string());
+    cpu.push(meter.lap("sustained"));
+    tracing::info!("telemetry");
+    let telemetry = phases::telemetry(
+        &orders,
+        &probe,
+        options.telemetry_agents.min(n),
+        options.telemetry_batch,
+        options::seconds(options.telemetry_seconds),
+        deadline,
+    )
+    .await
+    .map_err(|e| e.to_string());
+    cpu.push(meter.lap("telemetry"));
+
+    let peak = host.memory().map(|m| m.peak).unwrap_or(0);
+    let lost = Probe::read(&probe.closed);
+    tracing::info!("closing the fleet and stopping the host");
+    orders.send_modify(|o| o.stop = true);
+    let closing = async { while fleet.tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline.within(Duration::from_secs(30)), closing).await.is_err() {
+        tracing::warn!("agents did not all close in time; aborting them");
+        fleet.tasks.abort_all();
+    }
+    // Let the host see every session end before it is asked to stop.
+    let drained = deadline.within(Duration::from_secs(15));
+    while api.online().await.is_ok_and(|online| online > 0) && tokio::time::Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = host.log().to_path_buf();
+    let host_stopped_cleanly = host.stop().await;
+    let host_log = process::count_log(&log);
+
+    let echo = if options.skip_echo {
+        Err(report::SKIPPED.to_owned())
+    } else {
+        tracing::info!("echo baseline");
+        let measured =
+            deadline.run("the echo baseline", baseline(options, &echo_bin, &data_dir, &identities, deadline));
+        measured.await.map_err(|e| e.to_string())
+    };
+
+    if let Ok(echo) = &echo {
+        cpu.extend(echo.cpu.iter().copied());
+    }
+    let report = Report {
+        agents: n,
+        cores: std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1),
+        loadgen_files,
+        host_files,
+        connect,
+        host_memory: report::HostMemory { idle, connected, peak },
+        broadcast,
+        round_trip,
+        sustained,
+        telemetry,
+        echo,
+        host_log,
+        host_stopped_cleanly,
+        loadgen_rss,
+        violations: probe.violations.load(Ordering::Relaxed),
+        lost,
+        load: (load_at_start, system::load_average()),
+        cpu,
+    };
+    if let Some(temp) = temp {
+        let _ = temp.close();
+    }
+    Ok(report)
+}
+
+/// The echo server child and the echo clients, on the same certificates and loopback.
+async fn baseline(
+    options: &Options,
+    echo_bin: &Path,
+    data_dir: &Path,
+    identities: &Arc<Vec<fleet::Identity>>,
+    deadline: Deadline,
+) -> Result<echo::EchoFigures, LoadgenError> {
+    let addr = (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into();
+    let server = deadline.run("starting the echo server", process::serve_echo(echo_bin, data_dir, addr)).await?;
+    let plan = EchoPlan {
+        addr,
+        connections: identities.len(),
+        concurrency: options.connect_concurrency,
+        per_source: options.conns_per_source,
+        rate: options.rate,
+        duration: options::seconds(options.rate_seconds),
+        bytes: options.echo_bytes,
+        settle: options::seconds(options.settle_seconds),
+    };
+    let figures = echo::measure(&plan, identities, server.pid(), deadline).await;
+    server.stop().await;
+    figures
+}

@@ -71,21 +71,30 @@ impl Api {
         }
     }
 
-    /// Sends one request and reads the whole answer: its status and its JSON body (`null`
-    /// when empty or not JSON).
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), LoadgenError> {
+    /// One request on a pooled connection: its status and raw body. `authorized` adds the
+    /// bearer token and the JSON content type.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        authorized: bool,
+    ) -> Result<(u16, Bytes), LoadgenError> {
         let what = format!("{method} {path}");
         let mut sender = self.connection().await?;
         sender.ready().await.map_err(|source| LoadgenError::Http { what: what.clone(), source })?;
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, self.addr.to_string())
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes))
-            .map_err(|e| LoadgenError::Api { what: what.clone(), status: 0, body: e.to_string() })?;
+        let mut request = Request::builder().method(method).uri(path).header(header::HOST, self.addr.to_string());
+        if authorized {
+            request = request
+                .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+                .header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(Full::new(bytes)).map_err(|e| LoadgenError::Api {
+            what: what.clone(),
+            status: 0,
+            body: e.to_string(),
+        })?;
         let response =
             sender.send_request(request).await.map_err(|source| LoadgenError::Http { what: what.clone(), source })?;
         let status = response.status().as_u16();
@@ -96,6 +105,13 @@ impl Api {
             .map_err(|source| LoadgenError::Http { what: what.clone(), source })?
             .to_bytes();
         self.release(sender);
+        Ok((status, body))
+    }
+
+    /// Sends one request and reads the whole answer: its status and its JSON body (`null`
+    /// when empty or not JSON).
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), LoadgenError> {
+        let (status, body) = self.exchange(method, path, body, true).await?;
         let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         Ok((status, value))
     }
@@ -170,25 +186,8 @@ impl Api {
     }
 
     async fn text(&self, path: &str) -> Result<String, LoadgenError> {
+        let (status, body) = self.exchange(Method::GET, path, None, false).await?;
         let what = format!("GET {path}");
-        let mut sender = self.connection().await?;
-        sender.ready().await.map_err(|source| LoadgenError::Http { what: what.clone(), source })?;
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header(header::HOST, self.addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| LoadgenError::Api { what: what.clone(), status: 0, body: e.to_string() })?;
-        let response =
-            sender.send_request(request).await.map_err(|source| LoadgenError::Http { what: what.clone(), source })?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| LoadgenError::Http { what: what.clone(), source })?
-            .to_bytes();
-        self.release(sender);
         if status != 200 {
             return Err(LoadgenError::Api { what, status, body: String::from_utf8_lossy(&body).into_owned() });
         }

@@ -19,7 +19,7 @@ use viworks_core::session::{
 use viworks_core::wire::{AgentId, Command, CommandId, CommandResult, Verb};
 use viworks_core::{Entropy, Timestamp};
 
-use crate::audit;
+use crate::audit::{self, Auditor};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -250,6 +250,8 @@ struct Dispatch {
 
 struct Inner<S> {
     store: S,
+    /// Appends audit records in batches; flushed at shutdown.
+    auditor: Auditor,
     /// This process's registration among the instances sharing the store.
     instance: InstanceRecord,
     /// Serialises the persister's batches with the release of an agent's commands, so that
@@ -338,9 +340,11 @@ impl<S: Store + Clone> Control<S> {
         tracing::info!(instance = %instance.instance_id, name = %instance.name, "instance registered");
         let (updates, _) = broadcast::channel(4096);
         let wakeups = store.wakeups();
+        let auditor = Auditor::start(store.clone());
         let control = Control {
             inner: Arc::new(Inner {
                 store,
+                auditor,
                 instance,
                 writes: tokio::sync::Mutex::new(()),
                 renewed_at: AtomicU64::new(now.as_millis()),
@@ -548,7 +552,7 @@ impl<S: Store + Clone> Control<S> {
                     }
                 }
             }
-            self.publish(superseded);
+            self.publish(superseded).await;
         }
         if let Err(error) = store.release_presence(agent, instance, session).await {
             tracing::warn!(%agent, %error, "releasing the agent's presence failed; its lease will lapse");
@@ -615,7 +619,8 @@ impl<S: Store + Clone> Control<S> {
                         vec![result.command_id.to_string()],
                         "kept_first",
                         serde_json::json!({}),
-                    );
+                    )
+                    .await;
                 }
                 Ok(_) => stored.push(result.command_id.clone()),
                 Err(error) => {
@@ -682,7 +687,8 @@ impl<S: Store + Clone> Control<S> {
                 vec![agent.to_string(), command.to_string()],
                 "queued",
                 serde_json::json!({ "job_id": job_id, "req_id": request.req_id, "verb": request.verb.as_str() }),
-            );
+            )
+            .await;
         }
         Ok(Submitted { job_id, commands, replayed: false })
     }
@@ -830,7 +836,7 @@ impl<S: Store + Clone> Control<S> {
         match store.cancel_unowned(id, now).await? {
             CancelOutcome::Cancelled => {
                 if let Some(stored) = store.command(id).await? {
-                    self.publish(vec![stored.record]);
+                    self.publish(vec![stored.record]).await;
                 }
                 Ok(())
             }
@@ -861,7 +867,7 @@ impl<S: Store + Clone> Control<S> {
         let batch: Vec<CommandRecord> = std::mem::take(&mut *lock(&self.inner.dirty)).into_values().collect();
         match self.inner.store.save_commands(&batch).await {
             Ok(()) => {
-                self.publish(batch);
+                self.publish(batch).await;
                 Ok(())
             }
             Err(error) => {
@@ -888,8 +894,16 @@ impl<S: Store + Clone> Control<S> {
 
     // ---- audit ------------------------------------------------------------------------------
 
-    /// Appends an audit record in the background and emits it on the `audit` tracing target.
-    pub fn audit_event(&self, actor: &str, action: &str, targets: Vec<String>, rc: &str, detail: serde_json::Value) {
+    /// Queues an audit record for the chain (waiting for room when the queue is full); it is
+    /// emitted on the `audit` tracing target once stored.
+    pub async fn audit_event(
+        &self,
+        actor: &str,
+        action: &str,
+        targets: Vec<String>,
+        rc: &str,
+        detail: serde_json::Value,
+    ) {
         let entry = NewAudit {
             ts: self.now(),
             req_id: String::new(),
@@ -901,16 +915,27 @@ impl<S: Store + Clone> Control<S> {
             duration_ms: 0,
             detail,
         };
-        let store = self.inner.store.clone();
-        tokio::spawn(async move { audit::record(&store, entry).await });
+        self.inner.auditor.record(entry).await;
+    }
+
+    /// Queues `entry` for the audit chain, waiting for room when the queue is full.
+    pub async fn audit(&self, entry: NewAudit) {
+        self.inner.auditor.record(entry).await;
     }
 
     /// Like [`Control::audit_event`], for events an unauthenticated peer can cause at will:
     /// rate-limited, with the excess counted in the `audit_suppressed` metric instead.
-    pub fn audit_security(&self, actor: &str, action: &str, targets: Vec<String>, rc: &str, detail: serde_json::Value) {
+    pub async fn audit_security(
+        &self,
+        actor: &str,
+        action: &str,
+        targets: Vec<String>,
+        rc: &str,
+        detail: serde_json::Value,
+    ) {
         let allowed = lock(&self.inner.security_audits).try_take(self.now(), 1).is_ok();
         if allowed {
-            self.audit_event(actor, action, targets, rc, detail);
+            self.audit_event(actor, action, targets, rc, detail).await;
         } else {
             self.inner.metrics.audit_suppressed.inc();
         }
@@ -983,7 +1008,7 @@ impl<S: Store + Clone> Control<S> {
             match self.inner.store.save_commands(&batch).await {
                 Ok(()) => {
                     drop(writes);
-                    self.publish(batch);
+                    self.publish(batch).await;
                 }
                 Err(error) => {
                     drop(writes);
@@ -996,20 +1021,13 @@ impl<S: Store + Clone> Control<S> {
     }
 
     /// Announces durable command records to subscribers and appends their audit records.
-    fn publish(&self, batch: Vec<CommandRecord>) {
-        if batch.is_empty() {
-            return;
-        }
-        let store = self.inner.store.clone();
-        let audits: Vec<NewAudit> = batch.iter().filter_map(|r| transition_audit(r, self.now())).collect();
+    async fn publish(&self, batch: Vec<CommandRecord>) {
+        let now = self.now();
         for record in batch {
+            let audit = transition_audit(&record, now);
             let _ = self.inner.updates.send(record);
+            self.inner.auditor.record(audit).await;
         }
-        tokio::spawn(async move {
-            for entry in audits {
-                audit::record(&store, entry).await;
-            }
-        });
     }
 
     /// Puts records whose write failed back, unless a newer record of the command is waiting.
@@ -1068,7 +1086,7 @@ impl<S: Store + Clone> Control<S> {
                 self.claim(&ClaimScope::All).await;
             }
             match store.expire_unowned(now, self.inner.config.dispatch.queue_ttl).await {
-                Ok(expired) => self.publish(expired),
+                Ok(expired) => self.publish(expired).await,
                 Err(error) => tracing::warn!(%error, "expiring unowned commands failed"),
             }
         }
@@ -1154,6 +1172,8 @@ impl<S: Store + Clone> Control<S> {
         if let Err(error) = self.inner.store.deregister_instance(&self.inner.instance.instance_id).await {
             tracing::warn!(%error, "deregistering this instance failed; its lease will lapse");
         }
+        // Last: every record of what happened above is durable before the store closes.
+        self.inner.auditor.flush().await;
     }
 
     /// Whether [`Control::shutdown`] was called.
@@ -1168,7 +1188,7 @@ fn hex16(bytes: [u8; 32]) -> String {
 }
 
 /// The audit record for a command's new state.
-fn transition_audit(record: &CommandRecord, now: Timestamp) -> Option<NewAudit> {
+fn transition_audit(record: &CommandRecord, now: Timestamp) -> NewAudit {
     let (action, rc, detail) = match &record.state {
         CommandState::Queued { .. } if record.attempts == 0 => {
             ("command.created", "queued".to_owned(), serde_json::json!({}))
@@ -1187,7 +1207,7 @@ fn transition_audit(record: &CommandRecord, now: Timestamp) -> Option<NewAudit> 
         }
         CommandState::Done(terminal) => ("command.finished", terminal.as_str().to_owned(), serde_json::json!({})),
     };
-    Some(NewAudit {
+    NewAudit {
         ts: now,
         req_id: String::new(),
         actor: "host".to_owned(),
@@ -1197,7 +1217,7 @@ fn transition_audit(record: &CommandRecord, now: Timestamp) -> Option<NewAudit> 
         rc,
         duration_ms: now.saturating_since(record.submitted_at).as_millis() as u64,
         detail: serde_json::json!({ "verb": record.command.verb.as_str(), "attempts": record.attempts, "state": detail }),
-    })
+    }
 }
 
 /// Lets the admission [`Host`] own a handle to the shared key table.

@@ -258,3 +258,34 @@ async fn submissions_still_work_after_a_restart_in_which_every_earlier_command_h
     assert!(second.is_ok(), "a new submission after the restart: {second:?}");
     host.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_audit_record_of_accepted_work_is_stored_by_the_time_shutdown_returns() {
+    let fleet = Fleet::new().await;
+    for n in 0..20 {
+        fleet.enroll(&format!("gw-{n}")).await;
+    }
+    let host = viworks_host::start(&fleet.config).await.expect("starts");
+    let store = host.control().store().clone();
+    let mut accepted = 0;
+    for _ in 0..100 {
+        let targets = Targets::Selector { site: None, capability: None, online: None };
+        let request = SubmitRequest { targets, ..health_request("gw-0", None) };
+        accepted += host.control().submit(request).await.expect("accepted").commands.len();
+    }
+    assert_eq!(accepted, 2000);
+    // No waiting: the records were only queued when submit returned.
+    host.shutdown().await;
+    let mut created = 0;
+    let mut filter = AuditFilter { action: Some("command.created".into()), limit: 1000, ..AuditFilter::default() };
+    loop {
+        let page = store.audit(&filter).await.expect("read the audit trail");
+        created += page.len();
+        match page.last() {
+            Some(last) => filter.before = Some(last.seq),
+            None => break,
+        }
+    }
+    assert_eq!(created, accepted, "one command.created record per accepted command");
+    assert!(matches!(store.verify_audit().await.expect("verify"), viworks_host::store::ChainVerdict::Intact { .. }));
+}

@@ -67,13 +67,15 @@ impl<S: Store + Clone> Connection<S> {
             Err(error) => {
                 tracing::warn!(peer = %self.peer, %error, "agent TLS handshake refused");
                 Metrics::count(&self.control.metrics().refused, "tls");
-                self.control.audit_security(
-                    &self.peer.to_string(),
-                    "security.tls_refused",
-                    vec![],
-                    "tls",
-                    serde_json::json!({ "error": error.to_string() }),
-                );
+                self.control
+                    .audit_security(
+                        &self.peer.to_string(),
+                        "security.tls_refused",
+                        vec![],
+                        "tls",
+                        serde_json::json!({ "error": error.to_string() }),
+                    )
+                    .await;
                 return None;
             }
         };
@@ -132,7 +134,7 @@ impl<S: Store + Clone> Connection<S> {
         match self.control.accept(&hello, &identity, &binding) {
             Ok(session) => Some((socket, session)),
             Err(refusal) => {
-                self.refused(&identity, &refusal);
+                self.refused(&identity, &refusal).await;
                 let _ = socket.send(WsMessage::Binary(refusal.reply.into())).await;
                 let _ = socket.close(None).await;
                 None
@@ -140,7 +142,7 @@ impl<S: Store + Clone> Connection<S> {
         }
     }
 
-    fn refused(&self, identity: &AgentId, refusal: &Refusal) {
+    async fn refused(&self, identity: &AgentId, refusal: &Refusal) {
         let code = serde_json::to_value(refusal.code).ok().and_then(|v| v.as_str().map(str::to_owned));
         let code = code.unwrap_or_else(|| "unknown".to_owned());
         Metrics::count(&self.control.metrics().refused, &code);
@@ -155,7 +157,7 @@ impl<S: Store + Clone> Connection<S> {
             vec![identity.to_string()],
             &code,
             serde_json::json!({ "peer": self.peer.to_string(), "claimed": claimed, "authenticated": refusal.authenticated }),
-        );
+        ).await;
     }
 
     /// Refuses a session that could not be attached: a REJECT instead of its WELCOME.
@@ -170,13 +172,15 @@ impl<S: Store + Clone> Connection<S> {
         tracing::warn!(%agent, peer = %self.peer, %error, "agent session not attached");
         if let AttachError::ElsewhereLive { instance, .. } = &error {
             Metrics::count(&control.metrics().refused, "duplicate_agent");
-            control.audit_security(
-                agent.as_str(),
-                "security.hello_refused.duplicate_agent",
-                vec![agent.to_string()],
-                "duplicate_agent",
-                serde_json::json!({ "peer": self.peer.to_string(), "held_by": instance, "authenticated": true }),
-            );
+            control
+                .audit_security(
+                    agent.as_str(),
+                    "security.hello_refused.duplicate_agent",
+                    vec![agent.to_string()],
+                    "duplicate_agent",
+                    serde_json::json!({ "peer": self.peer.to_string(), "held_by": instance, "authenticated": true }),
+                )
+                .await;
         }
         if let Err(error) = control.store().agent_disconnected(&agent, control.now()).await {
             tracing::debug!(%agent, %error, "recording the refused session's end failed");
@@ -201,13 +205,15 @@ impl<S: Store + Clone> Connection<S> {
             }
         };
         tracing::info!(%agent, peer = %self.peer, session = session.id(), "agent session established");
-        control.audit_event(
-            agent.as_str(),
-            "session.established",
-            vec![agent.to_string()],
-            "ok",
-            serde_json::json!({ "peer": self.peer.to_string(), "session": session.id() }),
-        );
+        control
+            .audit_event(
+                agent.as_str(),
+                "session.established",
+                vec![agent.to_string()],
+                "ok",
+                serde_json::json!({ "peer": self.peer.to_string(), "session": session.id() }),
+            )
+            .await;
         let mut shutdown = self.shutdown.clone();
         loop {
             match attachment.stop() {
@@ -250,7 +256,7 @@ impl<S: Store + Clone> Connection<S> {
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                     Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(error))) => {
                         // Refused by the WebSocket layer before it was buffered whole.
-                        self.violation(&agent, Violation::Undecodable("too_large"));
+                        self.violation(&agent, Violation::Undecodable("too_large")).await;
                         tracing::warn!(%agent, %error, "agent sent an oversized message; closing");
                         session.connection_lost();
                     }
@@ -281,7 +287,7 @@ impl<S: Store + Clone> Connection<S> {
                 HostEvent::Acked(id) => control.acked(&id),
                 HostEvent::Result(result) => results.push(result),
                 HostEvent::Telemetry(batch) => telemetry.push(batch),
-                HostEvent::Violation(violation) => self.violation(&agent, violation),
+                HostEvent::Violation(violation) => self.violation(&agent, violation).await,
                 HostEvent::Closed { end, in_flight } => closed = Some((end, in_flight)),
                 _ => {}
             }
@@ -313,13 +319,15 @@ impl<S: Store + Clone> Connection<S> {
         }
         if let Some((end, in_flight)) = closed {
             control.detach(&agent, session.id(), &in_flight).await;
-            control.audit_event(
-                agent.as_str(),
-                "session.closed",
-                vec![agent.to_string()],
-                &format!("{:?}", end.code).to_lowercase(),
-                serde_json::json!({ "by_peer": end.by_peer, "in_flight": in_flight.len() }),
-            );
+            control
+                .audit_event(
+                    agent.as_str(),
+                    "session.closed",
+                    vec![agent.to_string()],
+                    &format!("{:?}", end.code).to_lowercase(),
+                    serde_json::json!({ "by_peer": end.by_peer, "in_flight": in_flight.len() }),
+                )
+                .await;
             return;
         }
         if !session.is_closed() {
@@ -334,19 +342,21 @@ impl<S: Store + Clone> Connection<S> {
         }
     }
 
-    fn violation(&self, agent: &AgentId, violation: Violation) {
+    async fn violation(&self, agent: &AgentId, violation: Violation) {
         let metrics = self.control.metrics();
         Metrics::count(&metrics.violations, violation.code());
         if matches!(violation, Violation::OutOfSequence { .. }) {
             metrics.replays_rejected.inc();
         }
         tracing::warn!(%agent, peer = %self.peer, violation = violation.code(), "agent message refused");
-        self.control.audit_security(
-            agent.as_str(),
-            &format!("security.{}", violation.code()),
-            vec![agent.to_string()],
-            violation.code(),
-            serde_json::json!({ "peer": self.peer.to_string(), "detail": format!("{violation:?}") }),
-        );
+        self.control
+            .audit_security(
+                agent.as_str(),
+                &format!("security.{}", violation.code()),
+                vec![agent.to_string()],
+                violation.code(),
+                serde_json::json!({ "peer": self.peer.to_string(), "detail": format!("{violation:?}") }),
+            )
+            .await;
     }
 }

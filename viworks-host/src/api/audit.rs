@@ -76,11 +76,10 @@ pub fn record(mutation: &Mutation<'_>, note: AuditNote, ts: viworks_core::Timest
     }
 }
 
-/// Appends the record of `mutation` in the background (and emits it on the `audit` target).
-pub fn write<S: Store + Clone>(state: &ApiState<S>, mutation: &Mutation<'_>, note: AuditNote) {
-    let entry = record(mutation, note, state.control.now());
-    let store = state.control.store().clone();
-    tokio::spawn(async move { audit::record(&store, entry).await });
+/// Queues the record of `mutation` for the audit chain (it is emitted on the `audit` target
+/// once stored).
+pub async fn write<S: Store + Clone>(state: &ApiState<S>, mutation: &Mutation<'_>, note: AuditNote) {
+    state.control.audit(record(mutation, note, state.control.now())).await;
 }
 
 #[cfg(test)]

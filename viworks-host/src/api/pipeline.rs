@@ -93,7 +93,7 @@ async fn respond<S: Store + Clone>(
         Err(error) => {
             if budget == Budget::Write && matches!(error, ApiError::Unauthorized) {
                 let detail = json!({ "req_id": req_id, "method": method, "path": path });
-                state.control.audit_security("anonymous", spec.action, vec![ip.to_string()], "401", detail);
+                state.control.audit_security("anonymous", spec.action, vec![ip.to_string()], "401", detail).await;
             }
             return fail(&error, None);
         }
@@ -109,24 +109,24 @@ async fn respond<S: Store + Clone>(
             if budget == Budget::Write {
                 let detail = json!({ "req_id": req_id, "method": method, "path": path });
                 let targets = param.map(|p| vec![p.to_owned()]).unwrap_or_default();
-                state.control.audit_security(&caller.name, spec.action, targets, "429", detail);
+                state.control.audit_security(&caller.name, spec.action, targets, "429", detail).await;
             }
             return fail(&ApiError::RateLimited(refused.retry_after), Some(refused.quota));
         }
     };
-    let audited = |body: &[u8], outcome: Result<u16, &ApiError>, note: AuditNote| {
+    let audited = async |body: &[u8], outcome: Result<u16, &ApiError>, note: AuditNote| {
         if budget == Budget::Write {
             let (status, error) = match outcome {
                 Ok(status) => (status, None),
                 Err(error) => (error.status(), Some(error.code())),
             };
             let mutation = Mutation { spec, req_id, caller: &caller, param, path, body, status, error, started };
-            audit::write(state, &mutation, note);
+            audit::write(state, &mutation, note).await;
         }
     };
 
     if let Err(error) = auth::authorize(&caller, role) {
-        audited(&[], Err(&error), AuditNote::default());
+        audited(&[], Err(&error), AuditNote::default()).await;
         return fail(&error, Some(quota));
     }
     let (parts, body) = request.into_parts();
@@ -135,7 +135,7 @@ async fn respond<S: Store + Clone>(
         Budget::Write => match read_body(&parts.headers, body).await {
             Ok(body) => body,
             Err(error) => {
-                audited(&[], Err(&error), AuditNote::default());
+                audited(&[], Err(&error), AuditNote::default()).await;
                 return fail(&error, Some(quota));
             }
         },
@@ -157,11 +157,11 @@ async fn respond<S: Store + Clone>(
     let note = std::mem::take(&mut call.note);
     match outcome {
         Ok(reply) => {
-            audited(&call.body, Ok(status_of(&reply)), note);
+            audited(&call.body, Ok(status_of(&reply)), note).await;
             response::finish(response::reply(reply), req_id, Some(quota))
         }
         Err(error) => {
-            audited(&call.body, Err(&error), note);
+            audited(&call.body, Err(&error), note).await;
             fail(&error, Some(quota))
         }
     }

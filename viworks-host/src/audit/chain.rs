@@ -40,6 +40,35 @@ pub fn link(seq: u64, prev: &[u8; 32], content: NewAudit) -> AuditEntry {
     AuditEntry { seq, content, prev_hash: to_hex(prev), hash: to_hex(&hash) }
 }
 
+/// The end of a stored chain: the record the next one links to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tip {
+    seq: u64,
+    hash: [u8; 32],
+}
+
+impl Tip {
+    /// The tip of an empty chain: the first record gets `seq` 1 and the [`GENESIS`] hash.
+    pub const EMPTY: Tip = Tip { seq: 0, hash: GENESIS };
+
+    /// The tip whose last record is stored with `seq` and hex `hash`; the reason when those
+    /// columns cannot be a record's.
+    pub fn from_stored(seq: i64, hash: &str) -> Result<Tip, String> {
+        let hash = blake3::Hash::from_hex(hash).map_err(|e| format!("hash of seq {seq}: {e}"))?;
+        let seq = u64::try_from(seq).map_err(|_| format!("seq {seq} is negative"))?;
+        Ok(Tip { seq, hash: hash.into() })
+    }
+
+    /// The record with `content` linked after this tip, which it then becomes.
+    pub fn append(&mut self, content: NewAudit) -> AuditEntry {
+        let seq = self.seq.saturating_add(1);
+        let hash = link_hash(&self.hash, &content);
+        let entry = AuditEntry { seq, content, prev_hash: to_hex(&self.hash), hash: to_hex(&hash) };
+        *self = Tip { seq, hash };
+        entry
+    }
+}
+
 /// Walks `entries`, which must be the whole chain in `seq` order, and reports the first record
 /// whose link does not hold:
 /// - its `seq` is not one more than its predecessor's (the first must be 1): a record was
@@ -116,6 +145,18 @@ mod tests {
             out.push(entry);
         }
         out
+    }
+
+    #[test]
+    fn a_tip_links_what_link_links() {
+        let mut tip = Tip::EMPTY;
+        let appended: Vec<AuditEntry> = (1..=3).map(|seq| tip.append(content(seq))).collect();
+        assert_eq!(appended, chain(3));
+        let last = &appended[2];
+        let stored = Tip::from_stored(3, &last.hash).expect("a valid tip");
+        assert_eq!(stored, tip);
+        assert!(Tip::from_stored(-1, &last.hash).is_err());
+        assert!(Tip::from_stored(3, "not hex").is_err());
     }
 
     #[test]

@@ -1,18 +1,184 @@
 //! The audit trail: every API mutation, command lifecycle event and security event becomes a
 //! structured record, appended to the hash chain in the store and emitted as JSON on the
 //! `audit` tracing target for a SIEM.
+//!
+//! A running host appends through its [`Auditor`]: one task that takes records from a bounded
+//! queue and appends whatever has gathered in one store write, so that a busy host links
+//! hundreds of records per transaction instead of committing each alone. Producers wait for
+//! room when the queue is full (the store is the bottleneck then, and the wait slows the work
+//! that produces records rather than letting memory grow), and [`Auditor::flush`] at shutdown
+//! makes every record accepted so far durable before the store closes.
 
 pub mod chain;
 
-use crate::store::{NewAudit, Store};
+use tokio::sync::{mpsc, oneshot};
 
-/// Appends `entry` to the chain and emits it on the `audit` target. A store failure is logged,
-/// never propagated: auditing must not take the request path down, and the failure itself is
-/// visible in the logs and in `audit verify`.
+use crate::store::{AuditEntry, NewAudit, Store};
+
+/// Records waiting to be appended, at most; beyond it producers wait for room.
+pub const QUEUE: usize = 16_384;
+
+/// Most records appended in one store write.
+const BATCH: usize = 1024;
+
+/// Appends `entry` to the chain now and emits it on the `audit` target, for one-off records
+/// outside a running host (`init`, the command line). A store failure is logged with the
+/// record, never propagated: auditing must not take the request path down, and the failure
+/// itself is visible in the logs and in `audit verify`.
 pub async fn record<S: Store>(store: &S, entry: NewAudit) {
-    let json = serde_json::to_string(&entry).unwrap_or_default();
-    match store.append_audit(&entry).await {
-        Ok(stored) => tracing::info!(target: "audit", seq = stored.seq, hash = %stored.hash, record = %json),
-        Err(error) => tracing::error!(target: "audit", %error, record = %json, "audit record not stored"),
+    append(store, vec![entry]).await;
+}
+
+/// The host's audit appender. Cheap to clone; clones feed the same queue.
+#[derive(Clone, Debug)]
+pub struct Auditor {
+    queue: mpsc::Sender<Message>,
+}
+
+#[derive(Debug)]
+enum Message {
+    Record(NewAudit),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Auditor {
+    /// Starts the appending task on the current tokio runtime. It ends when every clone of
+    /// the returned handle is dropped, after appending what was queued.
+    pub fn start<S: Store>(store: S) -> Auditor {
+        let (queue, messages) = mpsc::channel(QUEUE);
+        tokio::spawn(run(store, messages));
+        Auditor { queue }
+    }
+
+    /// Queues `entry` for the chain, waiting for room if the queue is full.
+    pub async fn record(&self, entry: NewAudit) {
+        if let Err(mpsc::error::SendError(Message::Record(entry))) = self.queue.send(Message::Record(entry)).await {
+            // Only when the runtime is shutting down under us: keep the record in the log.
+            not_stored(&entry, &"the auditor has stopped");
+        }
+    }
+
+    /// Returns once every record queued before the call is appended (or reported as not
+    /// stored).
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.queue.send(Message::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
+    let mut messages = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut messages, BATCH).await > 0 {
+        let mut entries = Vec::with_capacity(messages.len());
+        let mut flushes = Vec::new();
+        for message in messages.drain(..) {
+            match message {
+                Message::Record(entry) => entries.push(entry),
+                Message::Flush(done) => flushes.push(done),
+            }
+        }
+        // Records queued after a flush request in the same batch are appended before it is
+        // answered too, which only makes the answer later, never wrong.
+        append(&store, entries).await;
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Appends `entries` in one write and emits each; if that write fails, appends them one at a
+/// time so that one bad record does not cost the others.
+async fn append<S: Store>(store: &S, entries: Vec<NewAudit>) {
+    if entries.is_empty() {
+        return;
+    }
+    match store.append_audits(&entries).await {
+        Ok(stored) => stored.iter().for_each(emit),
+        Err(error) if entries.len() == 1 => entries.iter().for_each(|entry| not_stored(entry, &error)),
+        Err(error) => {
+            tracing::warn!(%error, records = entries.len(), "appending audit records together failed; retrying each");
+            for entry in &entries {
+                match store.append_audits(std::slice::from_ref(entry)).await {
+                    Ok(stored) => stored.iter().for_each(emit),
+                    Err(error) => not_stored(entry, &error),
+                }
+            }
+        }
+    }
+}
+
+fn emit(stored: &AuditEntry) {
+    let json = serde_json::to_string(&stored.content).unwrap_or_default();
+    tracing::info!(target: "audit", seq = stored.seq, hash = %stored.hash, record = %json);
+}
+
+fn not_stored(entry: &NewAudit, error: &dyn std::fmt::Display) {
+    let json = serde_json::to_string(entry).unwrap_or_default();
+    tracing::error!(target: "audit", %error, record = %json, "audit record not stored");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChainVerdict;
+    use crate::store::sqlite::tests::fresh;
+
+    fn entry(n: u64) -> NewAudit {
+        NewAudit {
+            ts: viworks_core::Timestamp::from_millis(n),
+            req_id: format!("req-{n}"),
+            actor: "host".into(),
+            action: "command.finished".into(),
+            args_hash: chain::args_hash(&serde_json::json!({ "n": n })),
+            targets: vec![format!("cmd-{n}")],
+            rc: "succeeded".into(),
+            duration_ms: n,
+            detail: serde_json::json!({ "n": n }),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_from_many_tasks_share_writes_and_a_flush_makes_them_durable() {
+        let (store, _dir) = fresh().await;
+        let before = store.writer_stats();
+        let auditor = Auditor::start(store.clone());
+        let producers: Vec<_> = (0..20u64)
+            .map(|task| {
+                let auditor = auditor.clone();
+                tokio::spawn(async move {
+                    for n in 0..100 {
+                        auditor.record(entry(task * 100 + n)).await;
+                    }
+                })
+            })
+            .collect();
+        for producer in producers {
+            producer.await.expect("producer");
+        }
+        auditor.flush().await;
+        assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: 2000 });
+        let writes = store.writer_stats().transactions - before.transactions;
+        assert!(writes < 200, "2,000 records took {writes} transactions");
+        // Each producer's records keep their order in the chain.
+        let stored = store.audit(&crate::store::AuditFilter { limit: 1000, ..Default::default() }).await.expect("read");
+        let mut last_of = std::collections::BTreeMap::new();
+        for record in stored.iter().rev() {
+            let n = record.content.duration_ms;
+            if let Some(previous) = last_of.insert(n / 100, n) {
+                assert!(previous < n, "task {} appended {n} after {previous}", n / 100);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_with_nothing_queued_returns() {
+        let (store, _dir) = fresh().await;
+        let auditor = Auditor::start(store.clone());
+        auditor.flush().await;
+        auditor.record(entry(1)).await;
+        auditor.flush().await;
+        assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: 1 });
     }
 }

@@ -81,7 +81,7 @@ impl Store for AnyStore {
         fn save_telemetry(&self, rows: &[TelemetryRow]) -> usize;
         fn telemetry(&self, query: &TelemetryQuery) -> Vec<TelemetryRow>;
         fn latest_telemetry(&self, agent: &AgentId) -> Vec<TelemetryRow>;
-        fn append_audit(&self, entry: &NewAudit) -> AuditEntry;
+        fn append_audits(&self, entries: &[NewAudit]) -> Vec<AuditEntry>;
         fn audit(&self, filter: &AuditFilter) -> Vec<AuditEntry>;
         fn verify_audit(&self) -> ChainVerdict;
         fn dead_letters(&self, limit: usize) -> Vec<DeadLetterRow>;

@@ -717,9 +717,22 @@ pub(crate) async fn the_audit_chain_links_every_append_and_verifies<S: Store>(st
         assert_eq!(entry.hash, chain::to_hex(&prev));
         appended.push(entry);
     }
+    // A batch continues the chain in its order, in one write; more rows than one insert holds.
+    assert!(store.append_audits(&[]).await.expect("an empty batch").is_empty());
+    let batch: Vec<NewAudit> = (4..=303).map(|n| audit_entry(n, "host", "command.finished")).collect();
+    let stored = store.append_audits(&batch).await.expect("append a batch");
+    assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), (4..=303).collect::<Vec<_>>());
+    for (entry, content) in stored.iter().zip(&batch) {
+        assert_eq!(&entry.content, content);
+        assert_eq!(entry.prev_hash, chain::to_hex(&prev));
+        prev = chain::link_hash(&prev, content);
+        assert_eq!(entry.hash, chain::to_hex(&prev));
+    }
+    appended.extend(stored);
     appended.reverse();
-    assert_eq!(store.audit(&AuditFilter::default()).await.expect("read"), appended, "stored as appended");
-    assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: 3 });
+    let read = store.audit(&AuditFilter { limit: 1000, ..Default::default() }).await.expect("read");
+    assert_eq!(read, appended, "stored as appended");
+    assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: 303 });
 }
 
 pub(crate) async fn audit_filters_and_paginates_newest_first<S: Store>(store: &S) {

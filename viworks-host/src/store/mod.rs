@@ -553,8 +553,17 @@ pub trait Store: Send + Sync + 'static {
     /// The newest sample of each metric of an agent.
     fn latest_telemetry(&self, agent: &AgentId) -> impl Future<Output = Result<Vec<TelemetryRow>, StoreError>> + Send;
 
-    /// Appends to the audit chain.
-    fn append_audit(&self, entry: &NewAudit) -> impl Future<Output = Result<AuditEntry, StoreError>> + Send;
+    /// Appends `entries` to the audit chain in this order, in one transaction: all of them
+    /// or none. Returns them as stored (with their sequence numbers and hashes).
+    fn append_audits(&self, entries: &[NewAudit]) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+
+    /// Appends one record to the audit chain.
+    fn append_audit(&self, entry: &NewAudit) -> impl Future<Output = Result<AuditEntry, StoreError>> + Send {
+        async move {
+            let mut stored = self.append_audits(std::slice::from_ref(entry)).await?;
+            stored.pop().ok_or_else(|| StoreError::Database("the store appended no audit record".into()))
+        }
+    }
 
     /// Audit records matching `filter`, newest first.
     fn audit(&self, filter: &AuditFilter) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;

@@ -183,6 +183,9 @@ const UNFINISHED: &str = "('queued', 'sent', 'acked')";
 /// Rows per multi-row telemetry upsert: 4 parameters each, under the protocol's 65,535.
 const TELEMETRY_CHUNK: usize = 4096;
 
+/// Rows per multi-row audit insert: 12 parameters each, under the protocol's 65,535.
+const AUDIT_CHUNK: usize = 256;
+
 /// Advisory lock keys `(namespace, key)` of this store. The namespace keeps them apart from
 /// any other user of advisory locks in the same database.
 const LOCK_NAMESPACE: i32 = 0x5657_5331;
@@ -1195,54 +1198,67 @@ impl Store for PostgresStore {
         collect(&client, sql, &[&agent.as_str()], decode_telemetry).await
     }
 
-    async fn append_audit(&self, entry: &NewAudit) -> Result<AuditEntry, StoreError> {
-        let content = as_stored(entry.clone());
-        let targets = json_text(&content.targets)?;
-        let detail = json_text(&content.detail)?;
+    async fn append_audits(&self, entries: &[NewAudit]) -> Result<Vec<AuditEntry>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = entries
+            .iter()
+            .map(|entry| {
+                let content = as_stored(entry.clone());
+                Ok((json_text(&content.targets)?, json_text(&content.detail)?, content))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         // Held until the commit: appends from every instance follow each other, each reading
         // the head its predecessor committed, so no two share a predecessor.
         tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NAMESPACE, &LOCK_AUDIT]).await.db()?;
         let last = tx.query_opt("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", &[]).await.db()?;
-        let (seq, prev) = match last {
-            None => (1, chain::GENESIS),
+        let mut tip = match last {
+            None => chain::Tip::EMPTY,
             Some(row) => {
                 let seq: i64 = get(&row, 0, "audit_log")?;
                 let hash: &str = get(&row, 1, "audit_log")?;
-                let prev = blake3::Hash::from_hex(hash)
-                    .map_err(|e| corrupt("audit_log", format!("hash of seq {seq}: {e}")))?;
-                let seq = u64::try_from(seq)
-                    .map_err(|_| corrupt("audit_log", format!("seq {seq} is negative")))?
-                    .saturating_add(1);
-                (seq, prev.into())
+                chain::Tip::from_stored(seq, hash).map_err(|e| corrupt("audit_log", e))?
             }
         };
-        let entry = chain::link(seq, &prev, content);
-        let c = &entry.content;
-        tx.execute(
-            &format!(
-                "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            ),
-            &[
-                &u64_sql(entry.seq),
-                &ts_sql(c.ts),
-                &c.req_id,
-                &c.actor,
-                &c.action,
-                &c.args_hash,
-                &targets,
-                &c.rc,
-                &u64_sql(c.duration_ms),
-                &detail,
-                &entry.prev_hash,
-                &entry.hash,
-            ],
-        )
-        .await
-        .db()?;
+        let mut stored = Vec::with_capacity(rows.len());
+        let mut columns = Vec::with_capacity(rows.len());
+        for (targets, detail, content) in rows {
+            let entry = tip.append(content);
+            let c = &entry.content;
+            columns.push((u64_sql(entry.seq), ts_sql(c.ts), targets, u64_sql(c.duration_ms), detail));
+            stored.push(entry);
+        }
+        for (entries, columns) in stored.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)) {
+            let mut sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ");
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(entries.len() * 12);
+            for (n, (entry, (seq, ts, targets, duration_ms, detail))) in entries.iter().zip(columns).enumerate() {
+                let placeholders: Vec<String> = (1..=12).map(|i| format!("${}", n * 12 + i)).collect();
+                sql.push_str(if n == 0 { "(" } else { ", (" });
+                sql.push_str(&placeholders.join(", "));
+                sql.push(')');
+                let c = &entry.content;
+                params.extend([
+                    seq as &(dyn ToSql + Sync),
+                    ts,
+                    &c.req_id,
+                    &c.actor,
+                    &c.action,
+                    &c.args_hash,
+                    targets,
+                    &c.rc,
+                    duration_ms,
+                    detail,
+                    &entry.prev_hash,
+                    &entry.hash,
+                ]);
+            }
+            tx.execute(sql.as_str(), &params).await.db()?;
+        }
         tx.commit().await.db()?;
-        Ok(entry)
+        Ok(stored)
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {

@@ -1636,10 +1636,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_audit(&self, entry: &NewAudit) -> Result<AuditEntry, StoreError> {
-        let content = as_stored(entry.clone());
-        let targets = json_text(&content.targets)?;
-        let detail = json_text(&content.detail)?;
+    async fn append_audits(&self, entries: &[NewAudit]) -> Result<Vec<AuditEntry>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = entries
+            .iter()
+            .map(|entry| {
+                let content = as_stored(entry.clone());
+                Ok((json_text(&content.targets)?, json_text(&content.detail)?, content))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.write(move |conn| {
             // Inside the writer, so the chain follows commit order and no two appends share
             // a predecessor.
@@ -1649,39 +1656,38 @@ impl Store for SqliteStore {
                 .query_row([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
                 .optional()
                 .db()?;
-            let (seq, prev) = match last {
-                None => (1, chain::GENESIS),
-                Some((seq, hash)) => {
-                    let prev = blake3::Hash::from_hex(&hash)
-                        .map_err(|e| corrupt("audit_log", format!("hash of seq {seq}: {e}")))?;
-                    let seq = u64::try_from(seq)
-                        .map_err(|_| corrupt("audit_log", format!("seq {seq} is negative")))?
-                        .saturating_add(1);
-                    (seq, prev.into())
-                }
+            let mut tip = match last {
+                None => chain::Tip::EMPTY,
+                Some((seq, hash)) => chain::Tip::from_stored(seq, &hash).map_err(|e| corrupt("audit_log", e))?,
             };
-            let entry = chain::link(seq, &prev, content);
-            let c = &entry.content;
-            conn.prepare_cached(&format!(
-                "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-            ))
-            .db()?
-            .execute(params![
-                u64_sql(entry.seq),
-                ts_sql(c.ts),
-                c.req_id,
-                c.actor,
-                c.action,
-                c.args_hash,
-                targets,
-                c.rc,
-                u64_sql(c.duration_ms),
-                detail,
-                entry.prev_hash,
-                entry.hash,
-            ])
-            .db()?;
-            Ok(entry)
+            let mut insert = conn
+                .prepare_cached(&format!(
+                    "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ))
+                .db()?;
+            let mut stored = Vec::with_capacity(rows.len());
+            for (targets, detail, content) in rows {
+                let entry = tip.append(content);
+                let c = &entry.content;
+                insert
+                    .execute(params![
+                        u64_sql(entry.seq),
+                        ts_sql(c.ts),
+                        c.req_id,
+                        c.actor,
+                        c.action,
+                        c.args_hash,
+                        targets,
+                        c.rc,
+                        u64_sql(c.duration_ms),
+                        detail,
+                        entry.prev_hash,
+                        entry.hash,
+                    ])
+                    .db()?;
+                stored.push(entry);
+            }
+            Ok(stored)
         })
         .await
     }
@@ -1939,7 +1945,7 @@ fn decode_telemetry((agent_id, ts, metric_key, value): (String, i64, String, f64
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::QueueBounds;
     use crate::store::contract;

@@ -21,6 +21,9 @@ pub const QUEUE: usize = 16_384;
 /// Most records appended in one store write.
 const BATCH: usize = 1024;
 
+/// How long the appender gathers records after the first before writing them.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Appends `entry` to the chain now and emits it on the `audit` target, for one-off records
 /// outside a running host (`init`, the command line). A store failure is logged with the
 /// record, never propagated: auditing must not take the request path down, and the failure
@@ -71,6 +74,18 @@ impl Auditor {
 async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
     let mut messages = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut messages, BATCH).await > 0 {
+        // Nothing waits for a record to be stored but a flush: gather what else arrives for
+        // a moment, so that a quiet host commits a few audit writes a second, not one per
+        // record.
+        if !matches!(messages.last(), Some(Message::Flush(_))) && messages.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while messages.len() < BATCH {
+                match queue.try_recv() {
+                    Ok(message) => messages.push(message),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut entries = Vec::with_capacity(messages.len());
         let mut flushes = Vec::new();
         for message in messages.drain(..) {

@@ -95,10 +95,22 @@ pub(super) fn status_name(status: ResultStatus) -> String {
 
 /// `entry` as it will read back from its row, so that the hash computed before the insert is
 /// the hash of what verification later reads.
-pub(super) fn as_stored(mut entry: NewAudit) -> NewAudit {
+fn as_stored(mut entry: NewAudit) -> NewAudit {
     entry.ts = Timestamp::from_millis(stored_u64(entry.ts.as_millis()));
     entry.duration_ms = stored_u64(entry.duration_ms);
     entry
+}
+
+/// Each record [`as_stored`], with its targets and detail as JSON text: `(targets, detail,
+/// content)`, ready to be linked and inserted.
+pub(super) fn audit_rows(entries: &[NewAudit]) -> Result<Vec<(String, String, NewAudit)>, StoreError> {
+    entries
+        .iter()
+        .map(|entry| {
+            let content = as_stored(entry.clone());
+            Ok((json_text(&content.targets)?, json_text(&content.detail)?, content))
+        })
+        .collect()
 }
 
 pub(super) fn stored_u64(value: u64) -> u64 {

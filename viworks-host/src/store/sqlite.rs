@@ -30,7 +30,7 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    PER_TARGET_COUNTS, StateColumns, as_stored, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
+    PER_TARGET_COUNTS, StateColumns, audit_rows, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
     millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
@@ -1640,13 +1640,7 @@ impl Store for SqliteStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = entries
-            .iter()
-            .map(|entry| {
-                let content = as_stored(entry.clone());
-                Ok((json_text(&content.targets)?, json_text(&content.detail)?, content))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let rows = audit_rows(entries)?;
         self.write(move |conn| {
             // Inside the writer, so the chain follows commit order and no two appends share
             // a predecessor.

@@ -1,6 +1,7 @@
-//! The load generator's quick profile, end to end: a real `viworks-host` child, 200
-//! synthetic agents over TLS WebSockets, every phase and the echo baseline; so that the
-//! generator never rots between the hand-run full measurements.
+//! The load generator's quick profile, end to end: a real `viworks-host` child on SQLite and
+//! another on a durable throwaway Postgres (when the machine has Postgres; under `CI=true` it
+//! must), 200 synthetic agents over TLS WebSockets, every phase and the echo baseline; so that
+//! the generator never rots between the hand-run full measurements.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,7 +29,7 @@ fn host_bin() -> PathBuf {
 }
 
 #[test]
-fn the_quick_profile_measures_every_phase_against_a_real_host() {
+fn the_quick_profile_measures_every_phase_against_a_real_host_on_both_stores() {
     let host = host_bin();
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("report.json");
@@ -38,13 +39,18 @@ fn the_quick_profile_measures_every_phase_against_a_real_host() {
         .arg(&host)
         .arg("--json")
         .arg(&json)
-        .args(["--max-seconds", "50", "--settle-seconds", "0.5", "--host-log-level", "warn"])
+        .args(["--max-seconds", "55", "--settle-seconds", "0.5", "--host-log-level", "warn"])
+        .args(["--stores", "sqlite,postgres"])
+        // The debug host on a durable Postgres stores a few hundred commands a second here, far
+        // below the quick profile's 1,000/s round trips and 4,000 outstanding: these keep the
+        // backlog each phase leaves for it to drain to about a second.
+        .args(["--rate", "200", "--sustained-outstanding", "500", "--telemetry-batch", "200"])
         .output()
         .expect("the load generator runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the run failed ({}):\n{stdout}\n{stderr}", output.status);
-    assert!(started.elapsed() < Duration::from_secs(55), "the quick profile took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(60), "the quick profile took {:?}", started.elapsed());
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("report written")).expect("JSON");
     let number = |pointer: &str| report.pointer(pointer).and_then(Value::as_f64).unwrap_or(-1.0);
@@ -65,4 +71,31 @@ fn the_quick_profile_measures_every_phase_against_a_real_host() {
     assert_eq!(number("/violations"), 0.0, "the host sent nothing the agents refused:\n{stdout}");
     assert_eq!(number("/lost"), 0.0, "every session is held until the end:\n{stdout}");
     assert!(stdout.contains("1. connections") && stdout.contains("7. baseline"), "{stdout}");
+
+    let stores = report.pointer("/stores").and_then(Value::as_array).expect("every store's figures");
+    let names: Vec<&str> = stores.iter().filter_map(|s| s.get("store").and_then(Value::as_str)).collect();
+    assert_eq!(names, ["sqlite", "postgres"], "one host per store, in order:\n{stdout}");
+    assert_eq!(
+        stores[0].pointer("/sustained/per_second").and_then(Value::as_f64),
+        Some(number("/sustained/per_second"))
+    );
+    let postgres = &stores[1];
+    if let Some(reason) = postgres.get("skipped") {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "CI needs Postgres for the postgres store: {reason}");
+        eprintln!("skipped the postgres store: {reason}");
+        return;
+    }
+    let number = |pointer: &str| postgres.pointer(pointer).and_then(Value::as_f64).unwrap_or(-1.0);
+    assert_eq!(number("/connect/connected"), agents, "every agent connects to the host on Postgres:\n{stdout}");
+    assert_eq!(number("/broadcast/commands"), agents, "{stdout}");
+    assert_eq!(number("/broadcast/verified"), agents, "every broadcast result is in Postgres:\n{stdout}");
+    assert_eq!(number("/round_trip/completed"), number("/round_trip/due"), "{stdout}");
+    assert!(number("/sustained/per_second") > 0.0, "commands are stored durably in Postgres:\n{stdout}");
+    assert!(number("/telemetry/per_second") > 0.0, "telemetry is stored in Postgres:\n{stdout}");
+    assert_eq!(number("/violations"), 0.0, "{stdout}");
+    assert_eq!(number("/lost"), 0.0, "{stdout}");
+    let settings = postgres.get("settings").and_then(Value::as_str).unwrap_or_default();
+    assert!(settings.contains("fsync=on") && settings.contains("synchronous_commit=on"), "durable: {settings}");
+    assert!(stdout.contains("Side by side"), "{stdout}");
 }

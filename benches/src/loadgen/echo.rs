@@ -140,7 +140,7 @@ pub async fn measure(
 ) -> Result<EchoFigures, LoadgenError> {
     tokio::time::sleep(plan.settle).await;
     let idle_rss = system::memory_of(server_pid)?.rss;
-    let mut meter = system::CpuMeter::start(server_pid);
+    let mut meter = system::CpuMeter::start(server_pid, None);
     let url = format!("wss://{}:{}/ws/agent", dial::SERVER_NAME, plan.addr.port());
     let rtts = Arc::new(AsyncMutex::new(Vec::<Duration>::new()));
     let base = Instant::now();

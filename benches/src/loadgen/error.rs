@@ -114,6 +114,20 @@ pub enum LoadgenError {
     /// Enrolling agents in the store failed.
     #[error("enrolling agents: {0}")]
     Store(#[from] viworks_host::store::StoreError),
+    /// The store could not be opened to enroll agents in.
+    #[error("opening the store to enroll agents: {0}")]
+    OpenStore(#[from] viworks_host::HostError),
+    /// A store URL is neither `sqlite://PATH` nor `postgres://…` (the URL is not repeated:
+    /// it may hold a password).
+    #[error("a store URL is neither sqlite://PATH nor postgres://…")]
+    StoreUrl,
+    /// Postgres is required (under `CI=true`) and could not be started, or the throwaway
+    /// cluster refused a database.
+    #[error("Postgres for the postgres store: {reason} (`apt-get install -y postgresql`, or pass --postgres-url)")]
+    Postgres {
+        /// Why.
+        reason: String,
+    },
     /// An identifier the load generator builds is invalid (a bug in its naming).
     #[error("generated identifier {value:?} is invalid: {reason}")]
     Identifier {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rustls::ClientConfig;
 use viworks_core::auth::{AgentKey, PinSet};
 use viworks_core::wire::AgentId;
-use viworks_host::store::sqlite::SqliteStore;
+use viworks_host::config::StoreUrl;
+use viworks_host::store::postgres::PostgresOptions;
 use viworks_host::store::{AgentRecord, Store};
 use viworks_host::tls::{Pki, Validity};
 
@@ -87,11 +88,13 @@ fn identity(pki: &Pki, index: usize) -> Result<Identity, LoadgenError> {
     Ok(Identity { agent_id, agent_key, tls })
 }
 
-/// Enrolls every identity in the SQLite store at `database`, as `viworks-host agent enroll`
-/// does, in chunks that share the store's group commits. Run it before the host starts:
-/// the host loads enrolled agents at start.
-pub async fn enroll(database: &Path, identities: &[Identity]) -> Result<(), LoadgenError> {
-    let store = SqliteStore::open(database)?;
+/// Enrolls every identity in the store at `url` (`sqlite://PATH` or `postgres://…`, opened
+/// as the host opens it), as `viworks-host agent enroll` does, in chunks written
+/// concurrently (they share SQLite's group commits and Postgres's pool). Run it before the
+/// host starts: the host loads enrolled agents at start.
+pub async fn enroll(url: &str, identities: &[Identity]) -> Result<(), LoadgenError> {
+    let url = StoreUrl::parse(url).map_err(|_| LoadgenError::StoreUrl)?;
+    let store = viworks_host::open_store(&url, PostgresOptions::default()).await?;
     let now = viworks_gateway::clock::Clock::start().now();
     let mut outcome = Ok(());
     for chunk in identities.chunks(ENROLL_CHUNK) {

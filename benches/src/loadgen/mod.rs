@@ -1,12 +1,14 @@
-//! `viworks-loadgen`, the end-to-end load generator: a real `viworks-host` child process, a
-//! fleet of synthetic agents speaking the real protocol over real TLS WebSockets, and a bare
-//! TLS WebSocket echo baseline measured in the same run. `docs/performance.md` describes the
+//! `viworks-loadgen`, the end-to-end load generator: a real `viworks-host` child process (one
+//! after the other per store, SQLite and Postgres), a fleet of synthetic agents speaking the
+//! real protocol over real TLS WebSockets, and a bare TLS WebSocket echo baseline measured in
+//! the same run. `docs/performance.md` describes the
 //! method and records the figures.
 //!
 //! - [`options`]: the command line; [`cli`]: the binary's entry point.
 //! - [`process`]: the host and echo server children; [`system`]: fd limits, `/proc`.
 //! - [`fleet`]: certificates and enrollment; [`dial`] and [`agent`]: the synthetic agents.
 //! - [`api`]: the REST client; [`phases`]: what is measured; [`echo`]: the baseline.
+//! - [`store`]: the stores, and the throwaway Postgres cluster.
 //! - [`probe`], [`stats`] and [`report`]: observations, percentiles, and the report.
 
 pub mod agent;
@@ -22,6 +24,7 @@ pub mod probe;
 pub mod process;
 pub mod report;
 pub mod stats;
+pub mod store;
 pub mod system;
 
 use std::path::Path;
@@ -34,6 +37,8 @@ use tokio::sync::watch;
 pub use error::LoadgenError;
 pub use options::Options;
 pub use report::Report;
+use report::{HostOutcome, HostRun, StoreRun};
+use store::StoreKind;
 
 use agent::{Context, Orders};
 use api::Api;
@@ -84,14 +89,20 @@ impl Deadline {
 }
 
 /// The host configuration the run uses: the API's rate limits out of the way (the load
-/// generator is one client issuing thousands of requests a second) and the chosen log level;
-/// everything else is the host's default.
-fn host_config(log_level: &str) -> String {
-    format!(
+/// generator is one client issuing thousands of requests a second), the chosen log level, and
+/// on Postgres the pool written out ([`store::POSTGRES_POOL`], the host's default); everything
+/// else is the host's default (on Postgres: one instance, its lease and sweep at their
+/// defaults of 15 s and 5 s).
+fn host_config(log_level: &str, store: StoreKind) -> String {
+    let mut config = format!(
         "[rate_limits]\nreads_per_minute = 1000000\nwrites_per_minute = 1000000\nper_ip_per_minute = 1000000\n\n\
          [log]\nlevel = {}\n",
         toml_string(log_level)
-    )
+    );
+    if store == StoreKind::Postgres {
+        config.push_str(&format!("\n[store]\npool_size = {}\n", store::POSTGRES_POOL));
+    }
+    config
 }
 
 fn toml_string(text: &str) -> String {
@@ -107,15 +118,16 @@ fn toml_string(text: &str) -> String {
     format!("\"{escaped}\"")
 }
 
-/// Runs every phase against a fresh host and returns the figures. Fails when the host cannot
-/// be set up or the fleet cannot connect; a later phase that fails is reported in the
+/// Measures a fresh host on each store of `--stores` in turn, the same fleet on each, then the
+/// echo baseline once, and returns the figures. Fails when the options are invalid, the PKI or
+/// the fleet's certificates cannot be made, or Postgres is required (`CI=true`) and cannot be
+/// started; a host that cannot be set up, or a phase that fails, is reported in the
 /// [`Report`] and the run goes on.
 pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
     options.validate().map_err(LoadgenError::InvalidOptions)?;
     let deadline = Deadline::after(options.max_duration());
     let load_at_start = system::load_average();
-    let n = options.agents;
-    let needed = n as u64 + options.http_connections as u64 + FD_MARGIN;
+    let needed = options.agents as u64 + options.http_connections as u64 + FD_MARGIN;
     let loadgen_files = system::raise_file_limit(needed)?;
     let host_bin = match &options.host_bin {
         Some(path) => path.clone(),
@@ -135,14 +147,73 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
             (temp.path().join("data"), Some(temp))
         }
     };
-    let database = data_dir.join("viworks.db");
-    let store = format!("sqlite://{}", database.display());
+    // Postgres first: under CI=true a missing one ends the run before anything is measured.
+    let postgres = if options.store_kinds().contains(&StoreKind::Postgres) {
+        tracing::info!("preparing Postgres");
+        let preparing = store::Postgres::prepare(options.postgres_url.as_deref());
+        Some(deadline.run("starting Postgres", preparing).await?)
+    } else {
+        None
+    };
+    let setup = Setup { options, host_bin: &host_bin, data_dir: &data_dir, deadline };
+    let measured = measure(&setup, &echo_bin, postgres.as_ref()).await;
+    if let Some(postgres) = postgres {
+        postgres.stop().await;
+    }
+    if let Some(temp) = temp {
+        let _ = temp.close();
+    }
+    let (stores, echo) = measured?;
+    Ok(Report {
+        agents: options.agents,
+        cores: std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1),
+        loadgen_files,
+        stores,
+        echo,
+        load: (load_at_start, system::load_average()),
+    })
+}
 
+/// What every host of a run shares.
+#[derive(Clone, Copy)]
+struct Setup<'a> {
+    options: &'a Options,
+    host_bin: &'a Path,
+    /// The one PKI every host serves with, and the SQLite database.
+    data_dir: &'a Path,
+    deadline: Deadline,
+}
+
+/// Creates the data directory and the fleet's identities, measures a host on each store, then
+/// the echo baseline.
+async fn measure(
+    setup: &Setup<'_>,
+    echo_bin: &Path,
+    postgres: Option<&store::Postgres>,
+) -> Result<(Vec<StoreRun>, report::Outcome<echo::EchoFigures>), LoadgenError> {
+    let Setup { options, host_bin, data_dir, deadline } = *setup;
+    let sqlite = store::sqlite_url(data_dir);
+    let mut targets = Vec::new();
+    for kind in options.store_kinds() {
+        let (settings, url) = match (kind, postgres) {
+            (StoreKind::Sqlite, _) => (store::SQLITE_SETTINGS.to_owned(), Ok(sqlite.clone())),
+            (StoreKind::Postgres, Some(postgres)) => {
+                (postgres.settings().await, postgres.url().map(str::to_owned).map_err(str::to_owned))
+            }
+            (StoreKind::Postgres, None) => (String::new(), Err("Postgres was not prepared".to_owned())),
+        };
+        targets.push((kind, settings, url));
+    }
+    // `init` makes the PKI every host serves with, and the first store the host runs on with
+    // its admin token; every later store gets its token from `token create`.
+    let first = targets.iter().find_map(|(_, _, url)| url.as_ref().ok()).unwrap_or(&sqlite);
     tracing::info!(data_dir = %data_dir.display(), host = %host_bin.display(), "initialising the host");
-    let token = deadline.run("viworks-host init", process::init_host(&host_bin, &data_dir, &store)).await?;
+    let token = deadline.run("viworks-host init", process::init_host(host_bin, data_dir, first)).await?;
+    let mut token = Some(token);
+    let n = options.agents;
     tracing::info!(agents = n, "issuing agent certificates");
     let issuing = {
-        let dir = data_dir.clone();
+        let dir = data_dir.to_path_buf();
         tokio::task::spawn_blocking(move || fleet::issue(&dir, n))
     };
     let identities = deadline
@@ -151,18 +222,73 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
         })
         .await?;
     let identities = Arc::new(identities);
-    deadline.run("enrolling agents", fleet::enroll(&database, &identities)).await?;
-    let config_path = data_dir.join("loadgen-host.toml");
-    std::fs::write(&config_path, host_config(&options.host_log_level))
+
+    let mut stores = Vec::with_capacity(targets.len());
+    for (kind, settings, url) in targets {
+        let host = match url {
+            Err(reason) => {
+                tracing::warn!(store = %kind, %reason, "skipped");
+                HostOutcome::Skipped(reason)
+            }
+            Ok(url) => {
+                let store_pid = postgres.filter(|_| kind == StoreKind::Postgres).and_then(store::Postgres::server_pid);
+                match measure_host(setup, &identities, (kind, &url, store_pid), token.take()).await {
+                    Ok(host) => HostOutcome::Ran(Box::new(host)),
+                    Err(error) => {
+                        tracing::warn!(store = %kind, %error, "the host could not be measured");
+                        HostOutcome::Failed(error.to_string())
+                    }
+                }
+            }
+        };
+        stores.push(StoreRun { store: kind, settings, host });
+    }
+
+    let echo = if options.skip_echo {
+        Err(report::SKIPPED.to_owned())
+    } else {
+        tracing::info!("echo baseline");
+        let measured = deadline.run("the echo baseline", baseline(options, echo_bin, data_dir, &identities, deadline));
+        measured.await.map_err(|e| e.to_string())
+    };
+    Ok((stores, echo))
+}
+
+/// One host on the store `kind` at `url` (whose server, when it runs here, is `store_pid`):
+/// gets an admin token (unless `init` gave one), enrolls the fleet, starts the host, connects
+/// the fleet, runs every phase, and stops the host. Fails when the host cannot be set up or
+/// the fleet cannot connect; a later phase that fails is reported in the [`HostRun`].
+async fn measure_host(
+    setup: &Setup<'_>,
+    identities: &Arc<Vec<fleet::Identity>>,
+    (kind, url, store_pid): (StoreKind, &str, Option<u32>),
+    token: Option<String>,
+) -> Result<HostRun, LoadgenError> {
+    let Setup { options, host_bin, data_dir, deadline } = *setup;
+    let n = identities.len();
+    let token = match token {
+        Some(token) => token,
+        None => deadline.run("viworks-host token create", process::create_token(host_bin, data_dir, url)).await?,
+    };
+    tracing::info!(store = %kind, agents = n, "enrolling agents");
+    deadline.run("enrolling agents", fleet::enroll(url, identities)).await?;
+    // The SQLite host's files keep the names they had before there were several stores.
+    let suffix = match kind {
+        StoreKind::Sqlite => String::new(),
+        other => format!("-{other}"),
+    };
+    let config_path = data_dir.join(format!("loadgen-host{suffix}.toml"));
+    std::fs::write(&config_path, host_config(&options.host_log_level, kind))
         .map_err(LoadgenError::io("write", &config_path))?;
 
     let addrs = HostAddrs {
         api: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
         agents: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
     };
-    tracing::info!(api = %addrs.api, agents = %addrs.agents, "starting the host");
+    tracing::info!(store = %kind, api = %addrs.api, agents = %addrs.agents, "starting the host");
+    let log = data_dir.join(format!("host{suffix}.log"));
     let mut host = deadline
-        .run("starting the host", process::serve_host(&host_bin, &data_dir, &config_path, &store, addrs))
+        .run("starting the host", process::serve_host(host_bin, data_dir, &config_path, url, addrs, log))
         .await?;
     let host_files = host.file_limit()?;
     let host_needed = n as u64 + FD_MARGIN;
@@ -172,7 +298,7 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
     let settle = options::seconds(options.settle_seconds);
     tokio::time::sleep(settle).await;
     let idle = host.memory()?;
-    let mut meter = system::CpuMeter::start(host.pid());
+    let mut meter = system::CpuMeter::start(host.pid(), store_pid);
     let mut cpu = Vec::new();
 
     let probe = Arc::new(Probe::default());
@@ -188,7 +314,7 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
     };
     tracing::info!(agents = n, "connecting the fleet");
     let (mut fleet, connect) =
-        phases::connect(&identities, &context, options.connect_concurrency, options.conns_per_source, deadline).await?;
+        phases::connect(identities, &context, options.connect_concurrency, options.conns_per_source, deadline).await?;
     tracing::info!(seconds = connect.wall.as_secs_f64(), "fleet connected");
     cpu.push(meter.lap("connect"));
     tokio::time::sleep(settle).await;
@@ -259,23 +385,7 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
     let log = host.log().to_path_buf();
     let host_stopped_cleanly = host.stop().await;
     let host_log = process::count_log(&log);
-
-    let echo = if options.skip_echo {
-        Err(report::SKIPPED.to_owned())
-    } else {
-        tracing::info!("echo baseline");
-        let measured =
-            deadline.run("the echo baseline", baseline(options, &echo_bin, &data_dir, &identities, deadline));
-        measured.await.map_err(|e| e.to_string())
-    };
-
-    if let Ok(echo) = &echo {
-        cpu.extend(echo.cpu.iter().copied());
-    }
-    let report = Report {
-        agents: n,
-        cores: std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1),
-        loadgen_files,
+    Ok(HostRun {
         host_files,
         connect,
         host_memory: report::HostMemory { idle, connected, peak },
@@ -283,19 +393,13 @@ pub async fn run(options: &Options) -> Result<Report, LoadgenError> {
         round_trip,
         sustained,
         telemetry,
-        echo,
         host_log,
         host_stopped_cleanly,
         loadgen_rss,
         violations: probe.violations.load(Ordering::Relaxed),
         lost,
-        load: (load_at_start, system::load_average()),
         cpu,
-    };
-    if let Some(temp) = temp {
-        let _ = temp.close();
-    }
-    Ok(report)
+    })
 }
 
 /// The echo server child and the echo clients, on the same certificates and loopback.

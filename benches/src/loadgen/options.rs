@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use viworks_host::config::StoreUrl;
+
+use super::store::StoreKind;
 
 /// `viworks-loadgen`: opens real agent connections to a `viworks-host` child process and
 /// measures connections, memory, broadcast, round trips, throughput and telemetry, beside a
@@ -114,6 +117,14 @@ pub struct Options {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// The stores to measure the host on, in order, each with a fresh host: `sqlite`,
+    /// `postgres` (comma-separated). The targets are judged on the first.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "sqlite")]
+    pub stores: Vec<String>,
+    /// An existing, empty Postgres database for the `postgres` store (`postgres://…`); default:
+    /// a durable throwaway cluster from this machine's `initdb`/`pg_ctl`, removed at the end.
+    #[arg(long, value_name = "URL")]
+    pub postgres_url: Option<String>,
 }
 
 /// The most agents one run may ask for; beyond it the loopback and the fd tables are the
@@ -155,7 +166,38 @@ impl Options {
         if self.host_log_level.trim().is_empty() {
             problems.push("--host-log-level is empty".to_owned());
         }
+        if self.stores.is_empty() {
+            problems.push("--stores is empty; name sqlite, postgres or both".to_owned());
+        }
+        for (at, name) in self.stores.iter().enumerate() {
+            match StoreKind::parse(name) {
+                None => problems.push(format!("--stores names {name:?}; the stores are sqlite and postgres")),
+                Some(kind) if self.stores[..at].iter().any(|n| StoreKind::parse(n) == Some(kind)) => {
+                    problems.push(format!("--stores names {name} twice"));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(url) = &self.postgres_url {
+            if !matches!(StoreUrl::parse(url), Ok(StoreUrl::Postgres(_))) {
+                problems.push("--postgres-url is not a postgres:// or postgresql:// URL".to_owned());
+            }
+            if !self.store_kinds().contains(&StoreKind::Postgres) {
+                problems.push("--postgres-url is given but --stores does not name postgres".to_owned());
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// The stores of `--stores` that are valid, in order, each once.
+    pub fn store_kinds(&self) -> Vec<StoreKind> {
+        let mut kinds = Vec::new();
+        for kind in self.stores.iter().filter_map(|name| StoreKind::parse(name)) {
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        kinds
     }
 
     /// The overall deadline as a duration.
@@ -167,4 +209,42 @@ impl Options {
 /// `seconds` as a duration; callers validated it is finite and in range.
 pub(crate) fn seconds(seconds: f64) -> Duration {
     Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn options(args: &[&str]) -> Options {
+        Cli::try_parse_from(std::iter::once("viworks-loadgen").chain(args.iter().copied())).expect("parses").options
+    }
+
+    #[test]
+    fn the_default_is_sqlite_alone() {
+        let options = options(&[]);
+        assert_eq!(options.validate(), Ok(()));
+        assert_eq!(options.store_kinds(), [StoreKind::Sqlite]);
+    }
+
+    #[test]
+    fn both_stores_are_measured_in_the_order_given() {
+        let options = options(&["--stores", "postgres, SQLite", "--postgres-url", "postgres://u:secret@db/x"]);
+        assert_eq!(options.validate(), Ok(()));
+        assert_eq!(options.store_kinds(), [StoreKind::Postgres, StoreKind::Sqlite]);
+    }
+
+    #[test]
+    fn every_store_problem_is_reported_at_once_without_the_url() {
+        let problems = options(&["--stores", "sqlite,mysql,sqlite", "--postgres-url", "mysql://u:secret@db/x"])
+            .validate()
+            .expect_err("invalid");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("mysql") && p.contains("--stores")));
+        assert!(problems.iter().any(|p| p.contains("twice")));
+        assert!(problems.iter().any(|p| p.contains("not a postgres://")));
+        assert!(problems.iter().any(|p| p.contains("does not name postgres")));
+        assert!(problems.iter().all(|p| !p.contains("secret")), "no password in the messages: {problems:?}");
+    }
 }

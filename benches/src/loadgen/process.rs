@@ -1,7 +1,7 @@
-//! The child processes of a run: `viworks-host` (`init`, then `serve`) and the echo server
-//! of the baseline. Each runs with its output in a log file in the data directory, inherits
-//! the raised open-file limit, is killed if the load generator goes away, and is measured
-//! through `/proc/<pid>`.
+//! The child processes of a run: `viworks-host` (`init` or `token create`, then `serve`, once
+//! per store) and the echo server of the baseline. Each runs with its output in a log file in
+//! the data directory, inherits the raised open-file limit, is killed if the load generator
+//! goes away, and is measured through `/proc/<pid>`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use super::LoadgenError;
 use super::system::{self, FileLimit, Memory};
 
-/// How long `viworks-host init` may take.
+/// How long `viworks-host init` or `token create` may take.
 const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a child may take to start listening.
@@ -133,30 +133,49 @@ pub fn default_host_bin() -> Result<PathBuf, LoadgenError> {
     Ok(exe.with_file_name("viworks-host"))
 }
 
-/// `viworks-host init`: creates the data directory with its PKI and SQLite database; returns
-/// the admin token it prints.
+/// `viworks-host init`: creates the data directory with its PKI, and the store at `store`;
+/// returns the admin token it prints.
 pub async fn init_host(host_bin: &Path, data_dir: &Path, store: &str) -> Result<String, LoadgenError> {
+    let mut command = Command::new(host_bin);
+    command.arg("init").arg("--data-dir").arg(data_dir).arg("--store").arg(store);
+    printed_token(host_bin, "init", command, "admin_token=").await
+}
+
+/// `viworks-host token create --role admin`: creates an admin token in the store at `store`
+/// (migrating it first, as opening it does) for a host on the PKI already in `data_dir`;
+/// returns the token.
+pub async fn create_token(host_bin: &Path, data_dir: &Path, store: &str) -> Result<String, LoadgenError> {
+    let mut command = Command::new(host_bin);
+    command.args(["token", "create", "--role", "admin", "--name", "loadgen", "--data-dir"]);
+    command.arg(data_dir).arg("--store").arg(store);
+    printed_token(host_bin, "token create", command, "token=").await
+}
+
+/// Runs a `viworks-host` subcommand to its end (a minute at most) and returns the value of
+/// the stdout line starting with `prefix`.
+async fn printed_token(
+    host_bin: &Path,
+    what: &'static str,
+    mut command: Command,
+    prefix: &str,
+) -> Result<String, LoadgenError> {
     if !host_bin.is_file() {
         return Err(LoadgenError::HostBinaryMissing { path: host_bin.to_path_buf() });
     }
-    let mut command = Command::new(host_bin);
-    command.arg("init").arg("--data-dir").arg(data_dir).arg("--store").arg(store).kill_on_drop(true);
+    command.kill_on_drop(true);
     die_with_parent(&mut command);
     let output = match tokio::time::timeout(INIT_TIMEOUT, command.output()).await {
-        Ok(output) => output.map_err(|source| LoadgenError::Spawn { what: "viworks-host init", source })?,
+        Ok(output) => output.map_err(|source| LoadgenError::Spawn { what: "viworks-host", source })?,
         Err(_) => {
-            return Err(LoadgenError::HostCommand {
-                command: "init",
-                detail: format!("no answer in {INIT_TIMEOUT:?}"),
-            });
+            return Err(LoadgenError::HostCommand { command: what, detail: format!("no answer in {INIT_TIMEOUT:?}") });
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let token = stdout.lines().find_map(|line| line.strip_prefix("admin_token=")).map(str::trim);
+    let token = stdout.lines().find_map(|line| line.strip_prefix(prefix)).map(str::trim);
     match token {
         Some(token) if output.status.success() && !token.is_empty() => Ok(token.to_owned()),
         _ => Err(LoadgenError::HostCommand {
-            command: "init",
+            command: what,
             detail: format!(
                 "{}; stdout: {}; stderr: {}",
                 output.status,
@@ -176,14 +195,15 @@ pub struct HostAddrs {
     pub agents: SocketAddr,
 }
 
-/// `viworks-host serve` with the configuration file `config`, listening on `addrs`; returns
-/// once the API accepts connections.
+/// `viworks-host serve` with the configuration file `config`, listening on `addrs`, its
+/// stderr to `log`; returns once the API accepts connections.
 pub async fn serve_host(
     host_bin: &Path,
     data_dir: &Path,
     config: &Path,
     store: &str,
     addrs: HostAddrs,
+    log: PathBuf,
 ) -> Result<Process, LoadgenError> {
     let mut command = Command::new(host_bin);
     command
@@ -198,7 +218,7 @@ pub async fn serve_host(
         .arg(addrs.api.to_string())
         .arg("--agent-addr")
         .arg(addrs.agents.to_string());
-    let mut host = Process::spawn("viworks-host serve", command, data_dir.join("host.log"))?;
+    let mut host = Process::spawn("viworks-host serve", command, log)?;
     // The host binds the agent listener before the API's, so one answering means both are up
     // (and probing the agent endpoint would log a refused TLS handshake).
     host.wait_listening(addrs.api).await?;

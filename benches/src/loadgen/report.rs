@@ -1,4 +1,5 @@
-//! The figures of one run, printed beside the design's targets, and as JSON.
+//! The figures of one run, printed beside the design's targets, and as JSON: the first
+//! store's host in full, every store's side by side.
 
 use std::fmt;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use super::echo::EchoFigures;
 use super::phases::{BroadcastFigures, ConnectFigures, RoundTripFigures, SustainedFigures, TelemetryFigures};
 use super::process::LogCounts;
 use super::stats::ms;
+use super::store::StoreKind;
 use super::system::{FileLimit, Memory, PhaseCpu};
 
 /// A phase's figures, or why it failed (its error as text).
@@ -35,15 +37,9 @@ impl HostMemory {
     }
 }
 
-/// Everything one run measured.
+/// What one host measured, on one store: the phases from connecting the fleet to telemetry.
 #[derive(Clone, Debug)]
-pub struct Report {
-    /// Agents asked for.
-    pub agents: usize,
-    /// Cores of the machine.
-    pub cores: usize,
-    /// The load generator's open-file limit.
-    pub loadgen_files: FileLimit,
+pub struct HostRun {
     /// The host child's open-file limit.
     pub host_files: FileLimit,
     /// How the fleet connected.
@@ -58,8 +54,6 @@ pub struct Report {
     pub sustained: Outcome<SustainedFigures>,
     /// Telemetry ingestion.
     pub telemetry: Outcome<TelemetryFigures>,
-    /// The echo baseline.
-    pub echo: Outcome<EchoFigures>,
     /// Warnings and errors the host logged.
     pub host_log: LogCounts,
     /// Whether the host stopped by itself on SIGTERM.
@@ -70,11 +64,47 @@ pub struct Report {
     pub violations: u64,
     /// Sessions that ended before the run told the agents to stop (should be 0).
     pub lost: u64,
+    /// CPU time per phase: the host's and the load generator's.
+    pub cpu: Vec<PhaseCpu>,
+}
+
+/// What became of the host on one store.
+#[derive(Clone, Debug)]
+pub enum HostOutcome {
+    /// It ran every phase (each phase may still have failed).
+    Ran(Box<HostRun>),
+    /// It did not run, and why (no Postgres on this machine).
+    Skipped(String),
+    /// It could not be set up (started, enrolled, connected to), and why.
+    Failed(String),
+}
+
+/// One store of `--stores` and its host.
+#[derive(Clone, Debug)]
+pub struct StoreRun {
+    /// The store.
+    pub store: StoreKind,
+    /// What it promises and where it is (its durability settings; never its URL).
+    pub settings: String,
+    /// The host's figures.
+    pub host: HostOutcome,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Agents asked for.
+    pub agents: usize,
+    /// Cores of the machine.
+    pub cores: usize,
+    /// The load generator's open-file limit.
+    pub loadgen_files: FileLimit,
+    /// A host per store, in the order of `--stores`; the targets are judged on the first.
+    pub stores: Vec<StoreRun>,
+    /// The echo baseline.
+    pub echo: Outcome<EchoFigures>,
     /// Load averages (1, 5, 15 min) when the run started and when it ended.
     pub load: (String, String),
-    /// CPU time per phase: the host's (the echo server's in the baseline) and the load
-    /// generator's.
-    pub cpu: Vec<PhaseCpu>,
 }
 
 /// The overhead of our stack over the bare transport, each a ratio of like to like measured
@@ -98,40 +128,19 @@ fn ratio(ours: f64, bare: f64) -> Option<f64> {
     (bare > 0.0 && ours.is_finite()).then(|| ours / bare)
 }
 
-impl Report {
-    /// Whether any phase failed.
+impl HostRun {
+    /// Whether any of its phases failed.
     pub fn failed(&self) -> bool {
-        self.broadcast.is_err()
-            || self.round_trip.is_err()
-            || self.sustained.is_err()
-            || self.telemetry.is_err()
-            || self.echo.as_ref().is_err_and(|e| e != SKIPPED)
+        self.broadcast.is_err() || self.round_trip.is_err() || self.sustained.is_err() || self.telemetry.is_err()
     }
 
-    /// The overhead ratios that both sides measured.
-    pub fn overhead(&self) -> Overhead {
-        let Ok(echo) = &self.echo else { return Overhead::default() };
-        let rtt = self.round_trip.as_ref().ok();
-        Overhead {
-            connect: ratio(self.connect.wall.as_secs_f64(), echo.connect_wall.as_secs_f64()),
-            memory: ratio(self.host_memory.per_connection(self.connect.connected), echo.per_connection),
-            round_trip_p50: rtt.and_then(|r| ratio(ms(r.round_trip.p50), ms(echo.round_trip.p50))),
-            round_trip_p99: rtt.and_then(|r| ratio(ms(r.round_trip.p99), ms(echo.round_trip.p99))),
-            result_p50: rtt.and_then(|r| ratio(ms(r.result_stored.p50), ms(echo.round_trip.p50))),
-        }
-    }
-
-    /// The report as JSON (durations in milliseconds, memory in bytes).
-    pub fn to_json(&self) -> Value {
+    /// Its figures as JSON object members (durations in milliseconds, memory in bytes).
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
         let outcome = |o: Result<Value, &String>| match o {
             Ok(v) => v,
             Err(e) => json!({ "error": e }),
         };
-        let overhead = self.overhead();
-        json!({
-            "agents": self.agents,
-            "cores": self.cores,
-            "loadgen_nofile": { "soft": self.loadgen_files.soft, "hard": self.loadgen_files.hard },
+        let value = json!({
             "host_nofile": { "soft": self.host_files.soft, "hard": self.host_files.hard },
             "connect": {
                 "connected": self.connect.connected,
@@ -184,24 +193,6 @@ impl Report {
                 "batches": t.batches,
                 "per_second": t.per_second,
             }))),
-            "echo": outcome(self.echo.as_ref().map(|e| json!({
-                "connected": e.connected,
-                "connect_wall_ms": ms(e.connect_wall),
-                "setup": e.setup.to_json(),
-                "idle_rss": e.idle_rss,
-                "connected_rss": e.connected_rss,
-                "per_connection": e.per_connection,
-                "rate": e.rate,
-                "sent": e.sent,
-                "round_trip": e.round_trip.to_json(),
-            }))),
-            "overhead": {
-                "connect": overhead.connect,
-                "memory": overhead.memory,
-                "round_trip_p50": overhead.round_trip_p50,
-                "round_trip_p99": overhead.round_trip_p99,
-                "result_p50": overhead.result_p50,
-            },
             "host_log": {
                 "bytes": self.host_log.bytes,
                 "lines": self.host_log.lines,
@@ -209,18 +200,123 @@ impl Report {
                 "errors": self.host_log.errors,
                 "first_error": self.host_log.first_error,
             },
-            "load_average": { "start": self.load.0, "end": self.load.1 },
             "host_stopped_cleanly": self.host_stopped_cleanly,
             "loadgen_rss": self.loadgen_rss,
             "violations": self.violations,
             "lost": self.lost,
-            "cpu": self.cpu.iter().map(|c| json!({
+            "cpu": cpu_json(&self.cpu),
+        });
+        match value {
+            Value::Object(members) => members,
+            _ => serde_json::Map::new(),
+        }
+    }
+
+    /// Host CPU time in `phase`, if it was measured.
+    fn cpu_in(&self, phase: &str) -> Option<Duration> {
+        self.cpu.iter().find(|c| c.phase == phase).map(|c| c.server)
+    }
+
+    /// CPU time of the store's own server in `phase`, if it was measured.
+    fn store_cpu_in(&self, phase: &str) -> Option<Duration> {
+        self.cpu.iter().find(|c| c.phase == phase).and_then(|c| c.store)
+    }
+}
+
+fn cpu_json<'a>(cpu: impl IntoIterator<Item = &'a PhaseCpu>) -> Vec<Value> {
+    cpu.into_iter()
+        .map(|c| {
+            json!({
                 "phase": c.phase,
                 "wall_ms": ms(c.wall),
                 "server_ms": ms(c.server),
+                "store_ms": c.store.map(ms),
                 "loadgen_ms": ms(c.loadgen),
-            })).collect::<Vec<_>>(),
+            })
         })
+        .collect()
+}
+
+impl Report {
+    /// The first store's host, when it ran: the one the targets are judged on.
+    pub fn first(&self) -> Option<&HostRun> {
+        match self.stores.first().map(|s| &s.host) {
+            Some(HostOutcome::Ran(host)) => Some(host),
+            _ => None,
+        }
+    }
+
+    /// Whether any host could not be set up, any phase failed, or the echo baseline failed. A
+    /// store skipped for want of Postgres is not a failure.
+    pub fn failed(&self) -> bool {
+        self.stores.iter().any(|s| match &s.host {
+            HostOutcome::Ran(host) => host.failed(),
+            HostOutcome::Skipped(_) => false,
+            HostOutcome::Failed(_) => true,
+        }) || self.echo.as_ref().is_err_and(|e| e != SKIPPED)
+    }
+
+    /// The overhead ratios that both the first store's host and the echo measured.
+    pub fn overhead(&self) -> Overhead {
+        let (Some(host), Ok(echo)) = (self.first(), &self.echo) else { return Overhead::default() };
+        let rtt = host.round_trip.as_ref().ok();
+        Overhead {
+            connect: ratio(host.connect.wall.as_secs_f64(), echo.connect_wall.as_secs_f64()),
+            memory: ratio(host.host_memory.per_connection(host.connect.connected), echo.per_connection),
+            round_trip_p50: rtt.and_then(|r| ratio(ms(r.round_trip.p50), ms(echo.round_trip.p50))),
+            round_trip_p99: rtt.and_then(|r| ratio(ms(r.round_trip.p99), ms(echo.round_trip.p99))),
+            result_p50: rtt.and_then(|r| ratio(ms(r.result_stored.p50), ms(echo.round_trip.p50))),
+        }
+    }
+
+    /// The report as JSON (durations in milliseconds, memory in bytes): the first store's
+    /// host's figures at the top level (with the echo's CPU phases after its own in `cpu`),
+    /// and every store's in `stores`.
+    pub fn to_json(&self) -> Value {
+        let overhead = self.overhead();
+        let mut report = json!({
+            "agents": self.agents,
+            "cores": self.cores,
+            "loadgen_nofile": { "soft": self.loadgen_files.soft, "hard": self.loadgen_files.hard },
+            "echo": match &self.echo {
+                Ok(e) => json!({
+                    "connected": e.connected,
+                    "connect_wall_ms": ms(e.connect_wall),
+                    "setup": e.setup.to_json(),
+                    "idle_rss": e.idle_rss,
+                    "connected_rss": e.connected_rss,
+                    "per_connection": e.per_connection,
+                    "rate": e.rate,
+                    "sent": e.sent,
+                    "round_trip": e.round_trip.to_json(),
+                }),
+                Err(e) => json!({ "error": e }),
+            },
+            "overhead": {
+                "connect": overhead.connect,
+                "memory": overhead.memory,
+                "round_trip_p50": overhead.round_trip_p50,
+                "round_trip_p99": overhead.round_trip_p99,
+                "result_p50": overhead.result_p50,
+            },
+            "load_average": { "start": self.load.0, "end": self.load.1 },
+            "stores": self.stores.iter().map(|s| {
+                let mut members = match &s.host {
+                    HostOutcome::Ran(host) => host.to_json(),
+                    HostOutcome::Skipped(reason) => [("skipped".to_owned(), json!(reason))].into_iter().collect(),
+                    HostOutcome::Failed(reason) => [("error".to_owned(), json!(reason))].into_iter().collect(),
+                };
+                members.insert("store".into(), json!(s.store.as_str()));
+                members.insert("settings".into(), json!(s.settings));
+                Value::Object(members)
+            }).collect::<Vec<_>>(),
+        });
+        if let (Some(host), Value::Object(top)) = (self.first(), &mut report) {
+            top.extend(host.to_json());
+            let echo_cpu = self.echo.as_ref().map(|e| e.cpu.as_slice()).unwrap_or_default();
+            top.insert("cpu".into(), Value::Array(cpu_json(host.cpu.iter().chain(echo_cpu))));
+        }
+        report
     }
 
     fn at_scale(&self) -> bool {
@@ -256,23 +352,10 @@ fn times(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "n/a".into())
 }
 
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "viworks-loadgen: {} agents, {} cores, load average {} at the start, {} at the end",
-            self.agents, self.cores, self.load.0, self.load.1
-        )?;
-        writeln!(
-            f,
-            "open-file limits: load generator {}/{}, host {}/{} (soft/hard)",
-            self.loadgen_files.soft, self.loadgen_files.hard, self.host_files.soft, self.host_files.hard
-        )?;
-        if !self.at_scale() {
-            writeln!(f, "(the targets are stated for {TARGET_AGENTS} agents; verdicts below are at this scale)")?;
-        }
-        writeln!(f)?;
-        let c = &self.connect;
+impl Report {
+    /// Phases 1 to 6 of `h`, with the verdicts.
+    fn write_phases(&self, f: &mut fmt::Formatter<'_>, h: &HostRun) -> fmt::Result {
+        let c = &h.connect;
         writeln!(
             f,
             "1. connections: {} of {} connected in {:.2} s ({:.0}/s), {} lost before the end; \
@@ -281,12 +364,12 @@ impl fmt::Display for Report {
             self.agents,
             secs(c.wall),
             c.connected as f64 / secs(c.wall).max(1e-9),
-            self.lost,
+            h.lost,
             c.setup,
             c.retries,
-            self.verdict(c.connected == self.agents && self.lost == 0)
+            self.verdict(c.connected == self.agents && h.lost == 0)
         )?;
-        let m = &self.host_memory;
+        let m = &h.host_memory;
         let per = m.per_connection(c.connected);
         writeln!(
             f,
@@ -297,9 +380,9 @@ impl fmt::Display for Report {
             kib(per),
             self.verdict(per <= 64.0 * 1024.0),
             mib(m.peak),
-            mib(self.loadgen_rss)
+            mib(h.loadgen_rss)
         )?;
-        match &self.broadcast {
+        match &h.broadcast {
             Ok(b) => writeln!(
                 f,
                 "3. broadcast: {} commands; 202 after {:.1} ms, last COMMAND delivered at {:.1} ms, \
@@ -313,7 +396,7 @@ impl fmt::Display for Report {
             )?,
             Err(e) => writeln!(f, "3. broadcast: FAILED: {e}")?,
         }
-        match &self.round_trip {
+        match &h.round_trip {
             Ok(r) => {
                 writeln!(
                     f,
@@ -343,7 +426,7 @@ impl fmt::Display for Report {
             }
             Err(e) => writeln!(f, "4. round trip: FAILED: {e}")?,
         }
-        match &self.sustained {
+        match &h.sustained {
             Ok(s) => writeln!(
                 f,
                 "5. sustained: {:.0} commands/s with results durable ({} in {:.2} s; batches of {}, \
@@ -361,7 +444,7 @@ impl fmt::Display for Report {
             )?,
             Err(e) => writeln!(f, "5. sustained: FAILED: {e}")?,
         }
-        match &self.telemetry {
+        match &h.telemetry {
             Ok(t) => writeln!(
                 f,
                 "6. telemetry: {:.0} samples/s persisted ({} samples in {} batches over {:.2} s; {} agents, \
@@ -375,6 +458,132 @@ impl fmt::Display for Report {
                 self.verdict(t.per_second >= 100_000.0)
             )?,
             Err(e) => writeln!(f, "6. telemetry: FAILED: {e}")?,
+        }
+        Ok(())
+    }
+
+    /// One column per store: the main figures of every host, side by side.
+    fn write_side_by_side(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        type Row = (&'static str, fn(&HostRun) -> String);
+        fn cell<T>(outcome: &Outcome<T>, show: impl Fn(&T) -> String) -> String {
+            outcome.as_ref().map(show).unwrap_or_else(|_| "FAILED".into())
+        }
+        let rows: [Row; 15] = [
+            ("connect the fleet, s", |h| format!("{:.2}", secs(h.connect.wall))),
+            ("host memory per connection, KiB", |h| {
+                format!("{:.1}", kib(h.host_memory.per_connection(h.connect.connected)))
+            }),
+            ("broadcast: every result stored, ms", |h| cell(&h.broadcast, |b| format!("{:.0}", ms(b.all_stored)))),
+            ("round trip p50 / p99, ms", |h| {
+                cell(&h.round_trip, |r| format!("{:.1} / {:.1}", ms(r.round_trip.p50), ms(r.round_trip.p99)))
+            }),
+            ("  POST due → 202 p50, ms", |h| cell(&h.round_trip, |r| format!("{:.1}", ms(r.accepted.p50)))),
+            ("  COMMAND → RESULT_ACK p50, ms", |h| {
+                cell(&h.round_trip, |r| format!("{:.1}", ms(r.result_stored.p50)))
+            }),
+            ("  host's mean result store, ms", |h| {
+                cell(&h.round_trip, |r| {
+                    r.host_result_store.map(|d| format!("{:.2}", ms(d))).unwrap_or_else(|| "n/a".into())
+                })
+            }),
+            ("sustained commands/s, durable", |h| cell(&h.sustained, |s| format!("{:.0}", s.per_second))),
+            ("  POST of a batch p50, ms", |h| cell(&h.sustained, |s| format!("{:.0}", ms(s.post.p50)))),
+            ("  host CPU per command, µs", |h| {
+                cell(&h.sustained, |s| {
+                    h.cpu_in("sustained")
+                        .map(|cpu| format!("{:.0}", cpu.as_secs_f64() * 1e6 / s.submitted.max(1) as f64))
+                        .unwrap_or_else(|| "n/a".into())
+                })
+            }),
+            ("  store server CPU per command, µs", |h| {
+                cell(&h.sustained, |s| {
+                    h.store_cpu_in("sustained")
+                        .map(|cpu| format!("{:.0}", cpu.as_secs_f64() * 1e6 / s.submitted.max(1) as f64))
+                        .unwrap_or_else(|| "in the host".into())
+                })
+            }),
+            ("telemetry samples/s, persisted", |h| cell(&h.telemetry, |t| format!("{:.0}", t.per_second))),
+            ("  host / store server CPU, s", |h| {
+                let store = h.store_cpu_in("telemetry").map(|d| format!("{:.2}", secs(d)));
+                let host = h.cpu_in("telemetry").map(|d| format!("{:.2}", secs(d)));
+                format!("{} / {}", host.unwrap_or_else(|| "n/a".into()), store.unwrap_or_else(|| "-".into()))
+            }),
+            ("host log warnings / errors", |h| format!("{} / {}", h.host_log.warnings, h.host_log.errors)),
+            ("stopped cleanly on SIGTERM", |h| h.host_stopped_cleanly.to_string()),
+        ];
+        writeln!(f, "Side by side, one host per store, the same fleet and phases:")?;
+        write!(f, "  {:<36}", "")?;
+        for store in &self.stores {
+            write!(f, " {:>18}", store.store.as_str())?;
+        }
+        writeln!(f)?;
+        for (name, show) in rows {
+            write!(f, "  {name:<36}")?;
+            for store in &self.stores {
+                let value = match &store.host {
+                    HostOutcome::Ran(host) => show(host),
+                    HostOutcome::Skipped(_) => "skipped".into(),
+                    HostOutcome::Failed(_) => "FAILED".into(),
+                };
+                write!(f, " {value:>18}")?;
+            }
+            writeln!(f)?;
+        }
+        for store in &self.stores {
+            let name = store.store;
+            match &store.host {
+                HostOutcome::Ran(host) => {
+                    let phases = [
+                        ("broadcast", host.broadcast.as_ref().err()),
+                        ("round trip", host.round_trip.as_ref().err()),
+                        ("sustained", host.sustained.as_ref().err()),
+                        ("telemetry", host.telemetry.as_ref().err()),
+                    ];
+                    for (phase, error) in phases {
+                        if let Some(error) = error {
+                            writeln!(f, "  {name} {phase}: FAILED: {error}")?;
+                        }
+                    }
+                    if let Some(error) = &host.host_log.first_error {
+                        writeln!(f, "  {name}: first host error: {error}")?;
+                    }
+                }
+                HostOutcome::Skipped(reason) => writeln!(f, "  {name}: skipped: {reason}")?,
+                HostOutcome::Failed(reason) => writeln!(f, "  {name}: FAILED: {reason}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "viworks-loadgen: {} agents, {} cores, load average {} at the start, {} at the end",
+            self.agents, self.cores, self.load.0, self.load.1
+        )?;
+        write!(f, "open-file limits: load generator {}/{}", self.loadgen_files.soft, self.loadgen_files.hard)?;
+        match self.first() {
+            Some(h) => writeln!(f, ", host {}/{} (soft/hard)", h.host_files.soft, h.host_files.hard)?,
+            None => writeln!(f, " (soft/hard)")?,
+        }
+        for store in &self.stores {
+            writeln!(f, "store {}: {}", store.store, store.settings)?;
+        }
+        if !self.at_scale() {
+            writeln!(f, "(the targets are stated for {TARGET_AGENTS} agents; verdicts below are at this scale)")?;
+        }
+        if self.stores.len() > 1 {
+            let first = self.stores.first().map(|s| s.store.as_str()).unwrap_or_default();
+            writeln!(f, "(1 to 6, the verdicts and the CPU table are the {first} host's; every store's at the end)")?;
+        }
+        writeln!(f)?;
+        match self.stores.first().map(|s| (s.store, &s.host)) {
+            Some((_, HostOutcome::Ran(h))) => self.write_phases(f, h)?,
+            Some((store, HostOutcome::Skipped(reason))) => writeln!(f, "1-6. the host on {store}: skipped: {reason}")?,
+            Some((store, HostOutcome::Failed(reason))) => writeln!(f, "1-6. the host on {store}: FAILED: {reason}")?,
+            None => {}
         }
         match &self.echo {
             Ok(e) => {
@@ -417,36 +626,43 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(f, "CPU time per phase (the machine has {} cores):", self.cores)?;
         writeln!(f, "  {:<18} {:>9} {:>22} {:>16}", "phase", "wall s", "host / echo server s", "load generator s")?;
-        for c in &self.cpu {
+        let echo_cpu = self.echo.as_ref().map(|e| e.cpu.as_slice()).unwrap_or_default();
+        let host_cpu = self.first().map(|h| h.cpu.as_slice()).unwrap_or_default();
+        for c in host_cpu.iter().chain(echo_cpu) {
             writeln!(f, "  {:<18} {:>9.2} {:>22.2} {:>16.2}", c.phase, secs(c.wall), secs(c.server), secs(c.loadgen))?;
         }
-        let host_cpu = |phase: &str| self.cpu.iter().find(|c| c.phase == phase).map(|c| c.server);
-        if let (Some(cpu), Ok(r)) = (host_cpu("round trips"), &self.round_trip) {
-            let per = cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64;
-            writeln!(f, "  host CPU per command at {}/s (POST included): {per:.0} µs", r.rate)?;
+        if let Some(h) = self.first() {
+            if let (Some(cpu), Ok(r)) = (h.cpu_in("round trips"), &h.round_trip) {
+                let per = cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64;
+                writeln!(f, "  host CPU per command at {}/s (POST included): {per:.0} µs", r.rate)?;
+            }
+            if let (Some(cpu), Ok(s)) = (h.cpu_in("sustained"), &h.sustained) {
+                let per = cpu.as_secs_f64() * 1e6 / s.submitted.max(1) as f64;
+                writeln!(f, "  host CPU per command, sustained (batches of {}): {per:.0} µs", s.batch)?;
+            }
+            if let Some(cpu) = h.cpu_in("connect") {
+                let per = cpu.as_secs_f64() * 1e6 / h.connect.connected.max(1) as f64;
+                writeln!(f, "  host CPU per connection set up: {per:.0} µs")?;
+            }
+            writeln!(f)?;
+            writeln!(
+                f,
+                "host log: {:.1} MiB in {} lines, {} warnings, {} errors; stopped cleanly on SIGTERM: {}; \
+                 messages refused by agents: {}",
+                mib(h.host_log.bytes),
+                h.host_log.lines,
+                h.host_log.warnings,
+                h.host_log.errors,
+                h.host_stopped_cleanly,
+                h.violations
+            )?;
+            if let Some(error) = &h.host_log.first_error {
+                writeln!(f, "first host error: {error}")?;
+            }
         }
-        if let (Some(cpu), Ok(s)) = (host_cpu("sustained"), &self.sustained) {
-            let per = cpu.as_secs_f64() * 1e6 / s.submitted.max(1) as f64;
-            writeln!(f, "  host CPU per command, sustained (batches of {}): {per:.0} µs", s.batch)?;
-        }
-        if let Some(cpu) = host_cpu("connect") {
-            let per = cpu.as_secs_f64() * 1e6 / self.connect.connected.max(1) as f64;
-            writeln!(f, "  host CPU per connection set up: {per:.0} µs")?;
-        }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "host log: {:.1} MiB in {} lines, {} warnings, {} errors; stopped cleanly on SIGTERM: {}; \
-             messages refused by agents: {}",
-            mib(self.host_log.bytes),
-            self.host_log.lines,
-            self.host_log.warnings,
-            self.host_log.errors,
-            self.host_stopped_cleanly,
-            self.violations
-        )?;
-        if let Some(error) = &self.host_log.first_error {
-            writeln!(f, "first host error: {error}")?;
+        if self.stores.len() > 1 {
+            writeln!(f)?;
+            self.write_side_by_side(f)?;
         }
         Ok(())
     }

@@ -89,18 +89,56 @@ pub fn memory_of(pid: u32) -> Result<Memory, LoadgenError> {
 /// 100 a second on every Linux architecture the load generator runs on.
 const USER_HZ: f64 = 100.0;
 
-/// CPU time (user and system) process `pid` has used so far, from `/proc/<pid>/stat`.
-pub fn cpu_of(pid: u32) -> Result<Duration, LoadgenError> {
+/// What `/proc/<pid>/stat` says of a process: its parent, and its CPU time (user and
+/// system), its own and that of the children it has waited for.
+struct Stat {
+    ppid: u32,
+    own: Duration,
+    reaped: Duration,
+}
+
+fn stat_of(pid: u32) -> Result<Stat, LoadgenError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
     let text = std::fs::read_to_string(&path).map_err(LoadgenError::io("read", &path))?;
-    let missing = || LoadgenError::Proc { what: "utime and stime", path: path.clone() };
+    let missing = || LoadgenError::Proc { what: "ppid, utime and stime", path: path.clone() };
     // The command name (field 2) may hold spaces and parentheses; the fields after its last
-    // `)` start at field 3, so utime (14) and stime (15) are the 12th and 13th of them.
+    // `)` start at field 3, so ppid (4) is the 2nd of them, utime (14) and stime (15) the 12th
+    // and 13th, cutime (16) and cstime (17) the 14th and 15th.
     let rest = text.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(missing)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok());
-    let (Some(user), Some(system)) = (ticks(11), ticks(12)) else { return Err(missing()) };
-    Ok(Duration::from_secs_f64((user + system) as f64 / USER_HZ))
+    let number = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok());
+    let ticks = |ticks: u64| Duration::from_secs_f64(ticks as f64 / USER_HZ);
+    match (number(1), number(11), number(12), number(13), number(14)) {
+        (Some(ppid), Some(user), Some(system), Some(c_user), Some(c_system)) => Ok(Stat {
+            ppid: u32::try_from(ppid).map_err(|_| missing())?,
+            own: ticks(user + system),
+            reaped: ticks(c_user + c_system),
+        }),
+        _ => Err(missing()),
+    }
+}
+
+/// CPU time (user and system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_of(pid: u32) -> Result<Duration, LoadgenError> {
+    stat_of(pid).map(|stat| stat.own)
+}
+
+/// CPU time process `pid`, its children alive now and those it has reaped have used so far:
+/// what a server that works in processes it forks (Postgres) has used. Reads every process's
+/// `/proc/<pid>/stat` (a few hundred files).
+pub fn cpu_of_tree(pid: u32) -> Result<Duration, LoadgenError> {
+    let root = stat_of(pid)?;
+    let mut total = root.own + root.reaped;
+    let entries = std::fs::read_dir("/proc").map_err(LoadgenError::io("read", "/proc"))?;
+    for entry in entries.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        // A process that exits meanwhile is skipped; its parent counts it once it is reaped.
+        match stat_of(child) {
+            Ok(stat) if stat.ppid == pid => total += stat.own + stat.reaped,
+            _ => {}
+        }
+    }
+    Ok(total)
 }
 
 /// CPU time a server child and the load generator itself used during one phase.
@@ -112,27 +150,36 @@ pub struct PhaseCpu {
     pub wall: Duration,
     /// CPU time of the server (the host, or the echo server in the baseline).
     pub server: Duration,
+    /// CPU time of the store's own server (Postgres and its processes), when it is measured:
+    /// SQLite's work is the host's own.
+    pub store: Option<Duration>,
     /// CPU time of the load generator.
     pub loadgen: Duration,
 }
 
-/// Splits the CPU time of a server child and of this process into phases. A process that
-/// cannot be read counts as having used nothing.
+/// Splits the CPU time of a server child, of the store's server when there is one to
+/// measure, and of this process into phases. A process that cannot be read counts as having
+/// used nothing.
 #[derive(Debug)]
 pub struct CpuMeter {
     server: u32,
+    store: Option<u32>,
     at: std::time::Instant,
     server_cpu: Duration,
+    store_cpu: Duration,
     own_cpu: Duration,
 }
 
 impl CpuMeter {
-    /// Starts measuring the server `pid` and this process now.
-    pub fn start(server: u32) -> CpuMeter {
+    /// Starts measuring the server `pid`, the store server `store` (with its children) when
+    /// given, and this process now.
+    pub fn start(server: u32, store: Option<u32>) -> CpuMeter {
         CpuMeter {
             server,
+            store,
             at: std::time::Instant::now(),
             server_cpu: cpu_of(server).unwrap_or_default(),
+            store_cpu: store.and_then(|pid| cpu_of_tree(pid).ok()).unwrap_or_default(),
             own_cpu: cpu_of(std::process::id()).unwrap_or_default(),
         }
     }
@@ -140,14 +187,17 @@ impl CpuMeter {
     /// What was used since the previous lap (or the start), attributed to `phase`.
     pub fn lap(&mut self, phase: &'static str) -> PhaseCpu {
         let server_cpu = cpu_of(self.server).unwrap_or(self.server_cpu);
+        let store_cpu = self.store.and_then(|pid| cpu_of_tree(pid).ok()).unwrap_or(self.store_cpu);
         let own_cpu = cpu_of(std::process::id()).unwrap_or(self.own_cpu);
         let lap = PhaseCpu {
             phase,
             wall: self.at.elapsed(),
             server: server_cpu.saturating_sub(self.server_cpu),
+            store: self.store.map(|_| store_cpu.saturating_sub(self.store_cpu)),
             loadgen: own_cpu.saturating_sub(self.own_cpu),
         };
-        (self.at, self.server_cpu, self.own_cpu) = (std::time::Instant::now(), server_cpu, own_cpu);
+        (self.at, self.server_cpu, self.store_cpu, self.own_cpu) =
+            (std::time::Instant::now(), server_cpu, store_cpu, own_cpu);
         lap
     }
 }
@@ -203,5 +253,24 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(cpu_of(pid).expect("own stat") > before, "50 ms of spinning shows as CPU time");
+    }
+
+    #[test]
+    fn a_process_tree_counts_its_children_alive_and_reaped() {
+        let pid = std::process::id();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 100000000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .expect("sh runs");
+        let started = std::time::Instant::now();
+        while cpu_of(child.id()).unwrap_or_default() < Duration::from_millis(30) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the child spins");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (own, spun) = (cpu_of(pid).expect("own stat"), cpu_of(child.id()).expect("child"));
+        assert!(cpu_of_tree(pid).expect("own tree") >= own + spun, "a live child is counted");
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        assert!(cpu_of_tree(pid).expect("own tree") >= own + spun, "a reaped child is counted");
     }
 }

@@ -1,17 +1,18 @@
-//! A throwaway Postgres cluster for tests: started lazily, once per test binary, from the
-//! machine's own `initdb`/`pg_ctl`/`postgres`, with a fresh database per test so that tests run
-//! in parallel.
+//! A throwaway Postgres cluster from the machine's own `initdb`/`pg_ctl`/`postgres`, in a
+//! temporary directory, listening on a free loopback port (its Unix socket in that directory
+//! too), trusting every local connection. Two users include this file: the store tests, which
+//! share one fast cluster per test binary (`fsync=off`, started lazily, a fresh database per test
+//! so that tests run in parallel), and `viworks-loadgen`, which starts a durable one (Postgres's
+//! defaults) to measure the host on, and stops it itself.
 //!
-//! The cluster lives in a temporary directory, listens on a free loopback port (its Unix socket
-//! in that directory too), trusts every local connection and runs with `fsync=off`. Postgres
-//! refuses to run as root, so under uid 0 its programs run as `nobody` (through `runuser`, or
-//! `setpriv` where there is no `runuser`), which owns the directory.
+//! Postgres refuses to run as root, so under uid 0 its programs run as `nobody` (through
+//! `runuser`, or `setpriv` where there is no `runuser`), which owns the directory.
 //!
-//! A static is never dropped, so no destructor can stop the cluster. Instead a watchdog shell
-//! process, in its own process group, checks once a second whether the test binary is still
-//! alive; once it has exited, however it ended (success, panic, abort, a signal), the watchdog
-//! stops the cluster with `pg_ctl stop -m immediate` and deletes the directory. No server is
-//! left running a second or two after `cargo test` ends.
+//! A watchdog shell process, in its own process group, checks once a second whether the process
+//! that started the cluster is still alive; once it has exited, however it ended (success, panic,
+//! abort, a signal), the watchdog stops the cluster with `pg_ctl stop -m immediate` and deletes
+//! the directory. The tests' cluster is a static, never dropped, so this is how it goes away; no
+//! server is left running a second or two after `cargo test` ends.
 //!
 //! Without Postgres binaries the tests fail with the reason and the way to install them: the
 //! contract macro has no way to skip, so the message says how to leave them out
@@ -22,56 +23,80 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The superuser `initdb` creates.
 const SUPERUSER: &str = "postgres";
 
-/// A running cluster and the watchdog that removes it.
-struct Cluster {
-    port: u16,
-    databases: AtomicU64,
-    /// Kept so the process is owned; it outlives the test binary on purpose.
-    _watchdog: Child,
+/// The database `initdb` creates, which new databases are created from.
+const MAINTENANCE_DB: &str = "postgres";
+
+/// What a cluster gives up for speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// `fsync`, `synchronous_commit` and `full_page_writes` off: a commit returns before its
+    /// WAL reaches the disk, and a crash of the machine can lose or corrupt data. For tests.
+    Fast,
+    /// Postgres's defaults: a commit returns once its WAL is flushed to disk, as SQLite's
+    /// `synchronous=FULL` in WAL mode does. For measurements.
+    #[allow(dead_code, reason = "the load generator's, which includes this file too")]
+    Durable,
 }
 
-static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+impl Durability {
+    /// The server settings that say so, as `postgres -c` options.
+    fn settings(self) -> &'static str {
+        match self {
+            Durability::Fast => "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            Durability::Durable => "-c fsync=on -c synchronous_commit=on -c full_page_writes=on",
+        }
+    }
+}
 
-/// Creates a new, empty database on the shared cluster (starting the cluster on first use) and
-/// returns how to connect to it and its name; `None`, after printing why, when this machine has
-/// no Postgres to start.
+/// Whether a missing Postgres is an error here rather than a reason to skip: under `CI=true`.
+pub(crate) fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A running cluster and the watchdog that removes it once its starter has exited.
+pub(crate) struct Cluster {
+    port: u16,
+    databases: AtomicU64,
+    dir: PathBuf,
+    pg_ctl: PathBuf,
+    runner: Runner,
+    /// Outlives this process on purpose, unless [`Cluster::stop`] ends it first.
+    watchdog: Child,
+}
+
+#[cfg(test)]
+static CLUSTER: std::sync::OnceLock<Result<Cluster, String>> = std::sync::OnceLock::new();
+
+/// Creates a new, empty database on the tests' shared fast cluster (starting the cluster on
+/// first use) and returns how to connect to it and its name; `None`, after printing why, when
+/// this machine has no Postgres to start.
 ///
 /// Under `CI=true` Postgres is required: a missing one panics with the reason.
+#[cfg(test)]
 pub(crate) async fn fresh_database() -> Option<(tokio_postgres::Config, String)> {
-    let cluster = match CLUSTER.get_or_init(Cluster::start) {
+    let cluster = match CLUSTER.get_or_init(|| Cluster::start(Durability::Fast)) {
         Ok(cluster) => cluster,
-        Err(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI needs Postgres for the Postgres store tests: {reason}")
-        }
+        Err(reason) if required() => panic!("CI needs Postgres for the Postgres store tests: {reason}"),
         Err(reason) => {
             eprintln!("skipped: no Postgres for the Postgres store tests: {reason} (`apt-get install -y postgresql`)");
             return None;
         }
     };
-    let name = format!("test_{}", cluster.databases.fetch_add(1, Ordering::Relaxed));
-    let (client, connection) =
-        cluster.config(SUPERUSER).connect(tokio_postgres::NoTls).await.expect("connect to the test cluster");
-    let connection = tokio::spawn(connection);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
-    drop(client);
-    connection.await.expect("the connection task").expect("the connection closes cleanly");
+    let name = cluster.create_database("test").await.unwrap_or_else(|e| panic!("{e}"));
     Some((cluster.config(&name), name))
 }
 
 impl Cluster {
-    fn config(&self, database: &str) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(self.port).user(SUPERUSER).dbname(database);
-        config
-    }
-
-    fn start() -> Result<Cluster, String> {
+    /// Starts a cluster of `durability` in a new temporary directory, as `nobody` when this
+    /// process is root. Blocks for `initdb` and the server's start, a few seconds; fails with
+    /// the reason (no binaries, no way to drop root, `initdb` or `pg_ctl` failed, with the
+    /// server's log).
+    pub(crate) fn start(durability: Durability) -> Result<Cluster, String> {
         let bin = binaries()?;
         let runner = Runner::for_this_process()?;
         let dir = tempfile::Builder::new()
@@ -79,14 +104,14 @@ impl Cluster {
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?
             .keep();
-        let started = Self::start_in(&bin, &runner, &dir);
+        let started = Self::start_in(&bin, runner, &dir, durability);
         if started.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         started
     }
 
-    fn start_in(bin: &Path, runner: &Runner, dir: &Path) -> Result<Cluster, String> {
+    fn start_in(bin: &Path, runner: Runner, dir: &Path, durability: Durability) -> Result<Cluster, String> {
         runner.hand_over(dir)?;
         let data = dir.join("data");
         let log = dir.join("postgres.log");
@@ -99,16 +124,23 @@ impl Cluster {
         for _ in 0..5 {
             let port = free_port()?;
             let options = format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off \
-                 -c full_page_writes=off -c max_connections=300",
-                dir.display()
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} {} -c max_connections=300",
+                dir.display(),
+                durability.settings()
             );
             let mut start = runner.command(&pg_ctl, dir);
             start.arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60", "-o", &options, "start"]);
             match run(&mut start, "pg_ctl start") {
                 Ok(()) => {
-                    let watchdog = watchdog(runner, &pg_ctl, &data, dir)?;
-                    return Ok(Cluster { port, databases: AtomicU64::new(0), _watchdog: watchdog });
+                    let watchdog = watchdog(&runner, &pg_ctl, &data, dir)?;
+                    return Ok(Cluster {
+                        port,
+                        databases: AtomicU64::new(0),
+                        dir: dir.to_path_buf(),
+                        pg_ctl,
+                        runner,
+                        watchdog,
+                    });
                 }
                 Err(e) => {
                     let server_log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -117,6 +149,63 @@ impl Cluster {
             }
         }
         Err(last)
+    }
+
+    /// How to connect to `database` as the superuser, over TCP.
+    pub(crate) fn config(&self, database: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(self.port).user(SUPERUSER).dbname(database);
+        config
+    }
+
+    /// [`config`](Self::config) as a `postgres://` URL (there is no password).
+    #[allow(dead_code, reason = "the load generator's, which includes this file too")]
+    pub(crate) fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The server's process id, from the first line of `postmaster.pid`; `None` when it cannot
+    /// be read.
+    #[allow(dead_code, reason = "the load generator's, which includes this file too")]
+    pub(crate) fn server_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Creates a new, empty database named `prefix_N` (N counts up from 0) and returns its
+    /// name. Fails when the cluster cannot be reached or refuses.
+    pub(crate) async fn create_database(&self, prefix: &str) -> Result<String, String> {
+        let name = format!("{prefix}_{}", self.databases.fetch_add(1, Ordering::Relaxed));
+        let (client, connection) = self
+            .config(MAINTENANCE_DB)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("cannot connect to the cluster: {e}"))?;
+        let connection = tokio::spawn(connection);
+        let created = client.batch_execute(&format!("CREATE DATABASE {name}")).await;
+        drop(client);
+        let closed = connection.await;
+        created.map_err(|e| format!("cannot create the database {name}: {e}"))?;
+        match closed {
+            Ok(Ok(())) => Ok(name),
+            Ok(Err(e)) => Err(format!("the connection to the cluster failed: {e}")),
+            Err(e) => Err(format!("the connection task failed: {e}")),
+        }
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`, waiting for it), ends the watchdog and deletes
+    /// the directory. Blocks until the server has stopped, up to a minute; the directory is
+    /// deleted even when stopping failed, which is then the error.
+    #[allow(dead_code, reason = "the load generator's, which includes this file too")]
+    pub(crate) fn stop(mut self) -> Result<(), String> {
+        let mut stop = self.runner.command(&self.pg_ctl, &self.dir);
+        stop.arg("-D").arg(self.dir.join("data")).args(["-w", "-t", "60", "-m", "fast", "stop"]);
+        let stopped = run(&mut stop, "pg_ctl stop");
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        let removed =
+            std::fs::remove_dir_all(&self.dir).map_err(|e| format!("cannot delete {}: {e}", self.dir.display()));
+        stopped.and(removed)
     }
 }
 

@@ -919,7 +919,7 @@ impl<S: Store + Clone> Control<S> {
             duration_ms: 0,
             detail,
         };
-        self.inner.auditor.record(entry).await;
+        self.audit(entry).await;
     }
 
     /// Queues `entry` for the audit chain, waiting for room when the queue is full.

@@ -405,6 +405,16 @@ impl Params {
     }
 }
 
+/// The `VALUES` list of a multi-row insert: `rows` groups of `width` placeholders numbered
+/// from `$1`, as in `($1, $2), ($3, $4)`.
+fn values(rows: usize, width: usize) -> String {
+    let row = |r: usize| {
+        let placeholders: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+        format!("({})", placeholders.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 /// Runs `sql` and decodes every row with `decode`.
 async fn collect<C: GenericClient, T>(
     client: &C,
@@ -1145,14 +1155,10 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.db()?;
         let mut written = 0;
         for chunk in samples.chunks(TELEMETRY_CHUNK) {
-            let mut sql = String::from("INSERT INTO telemetry (agent_id, ts, metric_key, value) VALUES ");
+            let mut sql =
+                format!("INSERT INTO telemetry (agent_id, ts, metric_key, value) VALUES {}", values(chunk.len(), 4));
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 4);
-            for (n, ((agent, ts, key), value)) in chunk.iter().enumerate() {
-                if n > 0 {
-                    sql.push_str(", ");
-                }
-                let base = n * 4;
-                sql.push_str(&format!("(${}, ${}, ${}, ${})", base + 1, base + 2, base + 3, base + 4));
+            for ((agent, ts, key), value) in chunk {
                 params.extend([agent as &(dyn ToSql + Sync), ts, key, value]);
             }
             sql.push_str(" ON CONFLICT (agent_id, ts, metric_key) DO UPDATE SET value = excluded.value");
@@ -1226,13 +1232,9 @@ impl Store for PostgresStore {
             stored.push(entry);
         }
         for (entries, columns) in stored.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)) {
-            let mut sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ");
+            let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(entries.len(), 12));
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(entries.len() * 12);
-            for (n, (entry, (seq, ts, targets, duration_ms, detail))) in entries.iter().zip(columns).enumerate() {
-                let placeholders: Vec<String> = (1..=12).map(|i| format!("${}", n * 12 + i)).collect();
-                sql.push_str(if n == 0 { "(" } else { ", (" });
-                sql.push_str(&placeholders.join(", "));
-                sql.push(')');
+            for (entry, (seq, ts, targets, duration_ms, detail)) in entries.iter().zip(columns) {
                 let c = &entry.content;
                 params.extend([
                     seq as &(dyn ToSql + Sync),
@@ -1483,6 +1485,13 @@ mod tests {
     use super::*;
     use crate::store::QueueBounds;
     use crate::store::{contract, pg_cluster};
+
+    #[test]
+    fn a_values_list_numbers_every_placeholder_once() {
+        assert_eq!(values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values(1, 1), "($1)");
+        assert_eq!(values(0, 4), "");
+    }
 
     /// A store on a fresh database of the shared test cluster; the guard is its name.
     pub(crate) async fn fresh() -> Option<(PostgresStore, String)> {

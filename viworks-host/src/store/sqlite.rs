@@ -966,27 +966,37 @@ fn write_state(
     releasing: Option<&str>,
 ) -> Result<bool, StoreError> {
     let s = &command.state;
-    let changed = conn
-        .prepare_cached(&format!(
-            "UPDATE commands SET state = ?2, not_before = ?3, session = ?4, deadline = ?5, \
-             terminal_reason = ?6, terminal_attempts = ?7, attempts = ?8, updated_at = ?9, \
-             owner = CASE WHEN ?10 IS NULL THEN owner END \
-             WHERE command_id = ?1 AND state IN {UNFINISHED} AND (?10 IS NULL OR owner = ?10)"
-        ))
-        .db()?
-        .execute(params![
-            command.command_id,
-            s.name,
-            s.not_before,
-            s.session,
-            s.deadline,
-            s.reason,
-            s.reason_attempts,
-            command.attempts,
-            at,
-            releasing,
-        ])
-        .db()?;
+    // Two statements rather than one with `owner = CASE …`: an UPDATE that assigns `owner`
+    // rewrites its index entry even when the value stays, on every state change.
+    const SET: &str = "state = ?2, not_before = ?3, session = ?4, deadline = ?5, terminal_reason = ?6, \
+                       terminal_attempts = ?7, attempts = ?8, updated_at = ?9";
+    let columns = params![
+        command.command_id,
+        s.name,
+        s.not_before,
+        s.session,
+        s.deadline,
+        s.reason,
+        s.reason_attempts,
+        command.attempts,
+        at
+    ];
+    let changed = match releasing {
+        None => conn
+            .prepare_cached(&format!("UPDATE commands SET {SET} WHERE command_id = ?1 AND state IN {UNFINISHED}"))
+            .db()?
+            .execute(columns),
+        Some(owner) => {
+            let sql = format!(
+                "UPDATE commands SET {SET}, owner = NULL WHERE command_id = ?1 AND state IN {UNFINISHED} AND owner = ?10"
+            );
+            let mut statement = conn.prepare_cached(&sql).db()?;
+            let mut all: Vec<&dyn rusqlite::ToSql> = columns.to_vec();
+            all.push(&owner);
+            statement.execute(all.as_slice())
+        }
+    }
+    .db()?;
     if changed > 0 {
         insert_dead_letter(conn, command, at)?;
     }

@@ -6,7 +6,7 @@
 //! 64-bit keyed hash of their id through an open-addressing index of 4-byte slot numbers
 //! (linear probing, at most half full, backward-shift deletion).
 //!
-//! All memory is allocated at construction: 16 bytes per agent of capacity and 8 to 16 bytes
+//! All memory is allocated at construction: 12 bytes per agent of capacity and 8 to 16 bytes
 //! of index. Only a power-of-two prefix of the index is in use, sized to the agents present
 //! (between 1/8 and 1/2 full), so that lookups stay within a few cache-resident lines
 //! however large the configured capacity; crossing a threshold rebuilds the prefix in time
@@ -23,10 +23,23 @@ const MIN_ACTIVE: usize = 64;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct AgentSlot {
-    /// The agent's hash while it holds nonces; the next free slot while the slot is free.
-    hash: u64,
-    /// Nonces held; 0 for a free slot.
-    held: usize,
+    /// The agent's hash while it holds nonces; the next free slot while the slot is free. In
+    /// two halves, so that a slot takes 12 bytes.
+    hash: [u32; 2],
+    /// Nonces held; 0 for a free slot. At most the per-agent quota, which is at most the
+    /// cache's capacity, below 2^32.
+    held: u32,
+}
+
+impl AgentSlot {
+    fn new(hash: u64, held: u32) -> Self {
+        // Truncations are intended: the low half, then the high half.
+        AgentSlot { hash: [hash as u32, (hash >> 32) as u32], held }
+    }
+
+    fn hash(&self) -> u64 {
+        u64::from(self.hash[0]) | u64::from(self.hash[1]) << 32
+    }
 }
 
 #[derive(Debug)]
@@ -84,7 +97,7 @@ impl AgentCounts {
 
     /// The slot of the agent hashed to `hash`, if it holds anything.
     #[inline]
-    pub(crate) fn find(&self, hash: u64) -> Option<usize> {
+    pub(crate) fn find(&self, hash: u64) -> Option<u32> {
         let mut i = self.home(hash);
         // The prefix in use is never more than half full, so an empty entry ends every probe.
         loop {
@@ -92,8 +105,8 @@ impl AgentCounts {
             if entry == EMPTY {
                 return None;
             }
-            let slot = (entry - 1) as usize;
-            if self.slots[slot].hash == hash {
+            let slot = entry - 1;
+            if self.slots[slot as usize].hash() == hash {
                 return Some(slot);
             }
             i = (i + 1) & self.mask;
@@ -101,8 +114,8 @@ impl AgentCounts {
     }
 
     /// Nonces held by the agent in `slot`.
-    pub(crate) fn held(&self, slot: usize) -> usize {
-        self.slots[slot].held
+    pub(crate) fn held(&self, slot: u32) -> usize {
+        self.slots[slot as usize].held as usize
     }
 
     /// Counts one more nonce for the agent hashed to `hash`, whose slot [`find`] returned,
@@ -110,17 +123,17 @@ impl AgentCounts {
     ///
     /// [`find`]: AgentCounts::find
     #[inline]
-    pub(crate) fn acquire(&mut self, hash: u64, found: Option<usize>) -> Option<usize> {
+    pub(crate) fn acquire(&mut self, hash: u64, found: Option<u32>) -> Option<u32> {
         match found {
             Some(slot) => {
-                self.slots[slot].held += 1;
+                self.slots[slot as usize].held += 1;
                 Some(slot)
             }
             None => {
                 let slot = if self.free != usize::MAX {
                     let slot = self.free;
                     // A free slot's hash field links to the next free slot.
-                    self.free = usize::try_from(self.slots[slot].hash).unwrap_or(usize::MAX);
+                    self.free = usize::try_from(self.slots[slot].hash()).unwrap_or(usize::MAX);
                     slot
                 } else if self.never_used < self.slots.len() {
                     self.never_used += 1;
@@ -128,7 +141,7 @@ impl AgentCounts {
                 } else {
                     return None;
                 };
-                self.slots[slot] = AgentSlot { hash, held: 1 };
+                self.slots[slot] = AgentSlot::new(hash, 1);
                 self.len += 1;
                 let active = self.active();
                 if 2 * self.len > active && active < self.index.len() {
@@ -137,7 +150,8 @@ impl AgentCounts {
                 } else {
                     self.insert(hash, slot);
                 }
-                Some(slot)
+                // Slot numbers are below MAX_AGENTS, so the conversion cannot fail.
+                u32::try_from(slot).ok()
             }
         }
     }
@@ -145,15 +159,16 @@ impl AgentCounts {
     /// Counts one nonce less for the agent in `slot`, forgetting the agent when it holds
     /// nothing more.
     #[inline]
-    pub(crate) fn release(&mut self, slot: usize) {
+    pub(crate) fn release(&mut self, slot: u32) {
+        let slot = slot as usize;
         let entry = &mut self.slots[slot];
         if entry.held == 0 {
             return;
         }
         entry.held -= 1;
         if entry.held == 0 {
-            let hash = entry.hash;
-            entry.hash = self.free as u64;
+            let hash = entry.hash();
+            *entry = AgentSlot::new(self.free as u64, 0);
             self.free = slot;
             self.len -= 1;
             self.unindex(hash, slot);
@@ -182,7 +197,7 @@ impl AgentCounts {
         for slot in 0..self.never_used {
             // Free slots hold nothing; every slot holding something is an agent.
             if self.slots[slot].held > 0 {
-                self.insert(self.slots[slot].hash, slot);
+                self.insert(self.slots[slot].hash(), slot);
             }
         }
     }
@@ -200,7 +215,7 @@ impl AgentCounts {
         // Shift later members of the probe run back so that no lookup stops early at the hole.
         let mut next = (hole + 1) & self.mask;
         while self.index[next] != EMPTY {
-            let home = self.home(self.slots[(self.index[next] - 1) as usize].hash);
+            let home = self.home(self.slots[(self.index[next] - 1) as usize].hash());
             let displacement = next.wrapping_sub(home) & self.mask;
             let gap = next.wrapping_sub(hole) & self.mask;
             if displacement >= gap {

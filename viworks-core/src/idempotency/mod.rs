@@ -25,7 +25,7 @@ use thiserror::Error;
 
 pub use request::{
     Begun, DEFAULT_TTL, IdempotencyKey, IdempotencyRecord, IdempotencyTable, JobId, RequestDigest, Resolution,
-    canonical_json, resolve,
+    canonical_json, push_canonical_json, push_json_string, resolve,
 };
 pub use result_ledger::{Recorded, ResultDigest, ResultLedger, classify_result};
 pub use telemetry_key::{TelemetryKey, dedupe_batch};

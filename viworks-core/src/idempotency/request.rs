@@ -108,6 +108,17 @@ pub fn canonical_json(value: &Value) -> String {
     out
 }
 
+/// Appends [`canonical_json`]`(value)` to `out`, for callers that assemble a canonical object
+/// whose members they know without building a [`Value`] of it.
+pub fn push_canonical_json(value: &Value, out: &mut String) {
+    write_canonical(value, out);
+}
+
+/// Appends `text` as a JSON string, escaped exactly as [`canonical_json`] escapes strings.
+pub fn push_json_string(text: &str, out: &mut String) {
+    write_string(text, out);
+}
+
 /// BLAKE3 of the canonical JSON of `value`, computed without materialising the text.
 pub(super) fn digest_json(value: &Value) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();

@@ -3,8 +3,10 @@
 //!
 //! Pure functions shared by every store: [`link_hash`] when appending, [`verify`] when walking.
 
+use std::fmt::Write as _;
+
 use serde_json::Value;
-use viworks_core::idempotency::{RequestDigest, canonical_json};
+use viworks_core::idempotency::{RequestDigest, push_canonical_json, push_json_string};
 
 use crate::store::{AuditEntry, ChainVerdict, NewAudit};
 
@@ -14,17 +16,44 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// The hash of a record with `content` following a record whose hash is `prev`:
 /// `blake3(prev || canonical JSON of content)`.
 ///
-/// The canonical JSON (keys sorted, no whitespace, see [`canonical_json`]) makes the hash
-/// independent of how a store orders JSON keys, so any store, or `b3sum` over an export,
-/// reproduces it. Costs one serialisation of `content` and one pass of BLAKE3 over it.
+/// The canonical JSON (keys sorted, no whitespace, see
+/// [`canonical_json`](viworks_core::idempotency::canonical_json)) makes the hash independent
+/// of how a store orders JSON keys, so any store, or `b3sum` over an export, reproduces it. Costs one pass writing the canonical text and one of BLAKE3 over it.
 pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
-    // NewAudit holds strings, integers and a `serde_json::Value` only, all of which convert to
-    // a JSON value; the fallback is never taken.
-    let value = serde_json::to_value(content).unwrap_or(Value::Null);
     let mut hasher = blake3::Hasher::new();
     hasher.update(prev);
-    hasher.update(canonical_json(&value).as_bytes());
+    hasher.update(canonical_content(content).as_bytes());
     *hasher.finalize().as_bytes()
+}
+
+/// `canonical_json(&serde_json::to_value(content))`, written member by member in the sorted
+/// order of `NewAudit`'s serialised names, without building a JSON value of the record (a
+/// test holds the two equal for any content).
+fn canonical_content(content: &NewAudit) -> String {
+    let NewAudit { ts, req_id, actor, action, args_hash, targets, rc, duration_ms, detail } = content;
+    let mut out = String::with_capacity(192 + targets.iter().map(String::len).sum::<usize>());
+    out.push_str("{\"action\":");
+    push_json_string(action, &mut out);
+    out.push_str(",\"actor\":");
+    push_json_string(actor, &mut out);
+    out.push_str(",\"args_hash\":");
+    push_json_string(args_hash, &mut out);
+    out.push_str(",\"detail\":");
+    push_canonical_json(detail, &mut out);
+    // Writing to a String cannot fail.
+    let _ = write!(out, ",\"duration_ms\":{duration_ms},\"rc\":");
+    push_json_string(rc, &mut out);
+    out.push_str(",\"req_id\":");
+    push_json_string(req_id, &mut out);
+    out.push_str(",\"targets\":[");
+    for (i, target) in targets.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_string(target, &mut out);
+    }
+    let _ = write!(out, "],\"ts\":{}}}", ts.as_millis());
+    out
 }
 
 /// A 32-byte hash as 64 lowercase hexadecimal digits, as stored in `prev_hash` and `hash`.
@@ -121,6 +150,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
     use viworks_core::Timestamp;
+    use viworks_core::idempotency::canonical_json;
 
     fn content(n: u64) -> NewAudit {
         NewAudit {
@@ -222,7 +252,50 @@ mod tests {
         assert_eq!(args_hash(&a).len(), 64);
     }
 
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![".*", "[a-z._-]{0,12}", "[\"\\\\\u{0}-\u{1f}é€😀]{0,6}"]
+    }
+
+    fn any_detail() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            any_text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(any_text(), inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    prop_compose! {
+        fn any_content()(
+            ts in any::<u64>(),
+            req_id in any_text(),
+            actor in any_text(),
+            action in any_text(),
+            args_hash in any_text(),
+            targets in proptest::collection::vec(any_text(), 0..4),
+            rc in any_text(),
+            duration_ms in any::<u64>(),
+            detail in any_detail(),
+        ) -> NewAudit {
+            NewAudit { ts: Timestamp::from_millis(ts), req_id, actor, action, args_hash, targets, rc, duration_ms, detail }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_canonical_content_is_the_canonical_json_of_the_record(content in any_content()) {
+            let value = serde_json::to_value(&content).expect("a record is JSON");
+            prop_assert_eq!(canonical_content(&content), canonical_json(&value));
+        }
+
         #[test]
         fn any_edited_field_breaks_the_chain_at_that_record(len in 1u64..8, at in 0u64..8, field in 0u8..6) {
             let at = at % len;

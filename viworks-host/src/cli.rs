@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use viworks_core::wire::AgentId;
 use viworks_gateway::shutdown_signal;
 
@@ -210,14 +211,24 @@ pub fn load_config(
     }
 }
 
-fn init_logging(config: &Config) {
+/// Logs to stderr from a thread of its own: an event (every audit record is one) costs the
+/// thread that emits it a copy into a bounded queue rather than a write to stderr, and the
+/// logging thread writes whatever has queued up in one go. A full queue makes emitters wait
+/// instead of dropping lines. The returned guard writes out what is queued when dropped:
+/// hold it until the process ends.
+fn init_logging(config: &Config) -> WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("viworks-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match config.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 async fn execute(command: Command) -> Result<ExitCode, HostError> {
@@ -233,13 +244,13 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
         }
         Command::Serve { config, api_addr, agent_addr } => {
             let config = load_config(&config, api_addr, agent_addr)?;
-            init_logging(&config);
+            let _log = init_logging(&config);
             crate::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { config, api_addr, agent_addr } => {
             let config = load_config(&config, api_addr, agent_addr)?;
-            init_logging(&config);
+            let _log = init_logging(&config);
             let shutdown = shutdown_signal();
             let token_file = config.data_dir.join("admin.token");
             let admin_token = if config.data_dir.join("ca.crt").exists() {

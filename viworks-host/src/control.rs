@@ -23,8 +23,8 @@ use crate::audit::{self, Auditor};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::store::{
-    AgentFilter, CancelOutcome, ClaimScope, InstanceRecord, JobInsert, JobRecord, NewAudit, PresenceClaim, QueueBounds,
-    Store, StoreError, StoreStats, Wakeup,
+    AgentFilter, AgentRecord, CancelOutcome, ClaimScope, InstanceRecord, JobInsert, JobRecord, NewAudit, PresenceClaim,
+    QueueBounds, Store, StoreError, StoreStats, Wakeup,
 };
 
 /// Agent keys for enrolled, unrevoked agents only, derived from the master key.
@@ -672,17 +672,16 @@ impl<S: Store + Clone> Control<S> {
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, ControlError> {
         let agents = self.resolve_targets(&request.targets).await?;
         let now = self.now();
-        let (job_id, records) = match self.store_job(&request, &agents, now).await? {
-            (Some(existing), _) => return self.existing_job(existing).await,
-            (None, stored) => stored,
+        let (job_id, records, claimed) = match self.store_job(&request, &agents, now).await? {
+            Stored::Existing(existing) => return self.existing_job(existing).await,
+            Stored::Created { job_id, records, claimed } => (job_id, records, claimed),
         };
         let commands: Vec<(CommandId, AgentId)> =
             records.iter().map(|r| (r.command.command_id.clone(), r.command.agent_id.clone())).collect();
-        // Agents served here take their commands now; other instances were notified by the
-        // store and claim theirs, and the sweep catches any wake-up that went missing.
-        if commands.iter().any(|(_, agent)| self.is_online(agent)) {
-            self.claim(&ClaimScope::Job(job_id.clone())).await;
-        }
+        // Agents served here took their commands as the job was stored; other instances were
+        // notified by the store and claim theirs, and the sweep catches any wake-up that went
+        // missing.
+        self.adopt(claimed).await;
         self.inner.metrics.submitted.inc_by(commands.len() as u64);
         for (command, agent) in &commands {
             self.audit_event(
@@ -709,14 +708,14 @@ impl<S: Store + Clone> Control<S> {
         let store = &self.inner.store;
         let agents = match targets {
             Targets::Agents(ids) => {
+                let mut unique = BTreeSet::new();
+                let named: Vec<AgentId> = ids.iter().filter(|id| unique.insert(*id)).cloned().collect();
+                let found: BTreeMap<AgentId, AgentRecord> =
+                    store.agents_named(&named).await?.into_iter().map(|a| (a.agent_id.clone(), a)).collect();
                 let mut unknown = Vec::new();
                 let mut maintenance = Vec::new();
-                let mut unique = BTreeSet::new();
-                for id in ids {
-                    if !unique.insert(id.clone()) {
-                        continue;
-                    }
-                    match store.agent(id).await? {
+                for id in &named {
+                    match found.get(id) {
                         Some(agent) if !agent.revoked && agent.maintenance => maintenance.push(id.clone()),
                         Some(agent) if !agent.revoked => {}
                         _ => unknown.push(id.clone()),
@@ -728,7 +727,7 @@ impl<S: Store + Clone> Control<S> {
                 if !maintenance.is_empty() {
                     return Err(ControlError::InMaintenance(maintenance));
                 }
-                unique.into_iter().collect()
+                unique.into_iter().cloned().collect()
             }
             Targets::Selector { site, capability, online } => {
                 let mut out = Vec::new();
@@ -765,14 +764,17 @@ impl<S: Store + Clone> Control<S> {
         request: &SubmitRequest,
         agents: &[AgentId],
         now: Timestamp,
-    ) -> Result<(Option<JobId>, (JobId, Vec<CommandRecord>)), ControlError> {
-        let job_id = JobId::new(format!("job-{}", self.random_id()))
+    ) -> Result<Stored, ControlError> {
+        // One identifier for the job and, numbered, its commands: cheap for a broadcast, and
+        // rows stored together sit together in the store's indexes.
+        let id = sortable_id(now, lock(&self.inner.entropy).bytes32());
+        let job_id = JobId::new(format!("job-{id}"))
             .map_err(|e| StoreError::Database(format!("generated job id invalid: {e}")))?;
         let records: Vec<CommandRecord> = agents
             .iter()
             .enumerate()
             .map(|(n, agent)| {
-                let command_id = CommandId::new(format!("cmd-{}-{n}", self.random_id()))
+                let command_id = CommandId::new(format!("cmd-{id}-{n}"))
                     .map_err(|e| StoreError::Database(format!("generated command id invalid: {e}")))?;
                 Ok(CommandRecord {
                     command: NewCommand {
@@ -801,9 +803,13 @@ impl<S: Store + Clone> Control<S> {
         };
         let dispatch = self.inner.config.dispatch;
         let bounds = QueueBounds { max_commands: dispatch.max_commands, per_agent: dispatch.per_agent_queue };
-        match self.inner.store.create_job(&job, &records, bounds).await {
-            Ok(JobInsert::Created) => Ok((None, (job_id, records))),
-            Ok(JobInsert::Existing(existing)) => Ok((Some(existing), (job_id, Vec::new()))),
+        // Claimed in the job's own transaction when an agent is served here: no second write
+        // before the first COMMAND goes out.
+        let claimant =
+            agents.iter().any(|agent| self.is_online(agent)).then_some(self.inner.instance.instance_id.as_str());
+        match self.inner.store.create_job(&job, &records, bounds, claimant).await {
+            Ok(JobInsert::Created { claimed }) => Ok(Stored::Created { job_id, records, claimed }),
+            Ok(JobInsert::Existing(existing)) => Ok(Stored::Existing(existing)),
             Err(StoreError::IdempotencyConflict(key)) => Err(ControlError::IdempotencyConflict(key)),
             Err(StoreError::QueueFull { .. }) => {
                 self.inner.metrics.refused_full.inc();
@@ -1193,6 +1199,23 @@ impl<S: Store + Clone> Control<S> {
     }
 }
 
+/// What [`Control::store_job`] did with a submission.
+enum Stored {
+    /// Stored as a new job; `claimed` are its commands this instance holds.
+    Created { job_id: JobId, records: Vec<CommandRecord>, claimed: Vec<CommandRecord> },
+    /// The idempotency key named this earlier job; nothing was stored.
+    Existing(JobId),
+}
+
+/// An identifier that sorts by the time `now` it was made: the milliseconds since the epoch
+/// as 12 hex digits, then the first 80 bits of `random` as 20. Rows keyed by such identifiers
+/// are added at the end of their indexes rather than each on a random page, so that a commit
+/// of many rows writes a few pages instead of one per row.
+fn sortable_id(now: Timestamp, random: [u8; 32]) -> String {
+    let random = hex16(random);
+    format!("{:012x}{}", now.as_millis() & 0xffff_ffff_ffff, &random[..20])
+}
+
 /// The first 16 bytes of `bytes` as 32 lowercase hex digits.
 fn hex16(bytes: [u8; 32]) -> String {
     bytes[..16].iter().map(|b| format!("{b:02x}")).collect()
@@ -1237,5 +1260,23 @@ struct SharedKeys(Arc<EnrolledKeys>);
 impl AgentKeys for SharedKeys {
     fn agent_key(&self, agent_id: &AgentId) -> Option<AgentKey> {
         self.0.agent_key(agent_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sortable_ids_order_by_time_then_differ_by_their_random_part() {
+        let early = sortable_id(Timestamp::from_millis(1_700_000_000_000), [0xff; 32]);
+        let later = sortable_id(Timestamp::from_millis(1_700_000_000_001), [0x00; 32]);
+        assert!(early < later, "{early} sorts before {later}");
+        assert_eq!(early.len(), 32);
+        assert!(early.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{early}");
+        assert_eq!(&early[..12], "018bcfe56800");
+        let mut other = [0xff; 32];
+        other[9] = 0;
+        assert_ne!(sortable_id(Timestamp::from_millis(1), [0xff; 32]), sortable_id(Timestamp::from_millis(1), other));
     }
 }

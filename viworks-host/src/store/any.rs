@@ -46,7 +46,7 @@ impl AnyStore {
 
 /// Each method forwards to the store inside.
 macro_rules! forward {
-    ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $out:ty; )*) => {
+    ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $out:ty; )*) => {
         $(
             fn $name(&self $(, $arg: $ty)*) -> impl Future<Output = Result<$out, StoreError>> + Send {
                 async move {
@@ -65,12 +65,19 @@ impl Store for AnyStore {
         fn ping(&self) -> Duration;
         fn enroll_agent(&self, agent: &AgentRecord) -> ();
         fn agent(&self, id: &AgentId) -> Option<AgentRecord>;
+        fn agents_named(&self, ids: &[AgentId]) -> Vec<AgentRecord>;
         fn agents(&self, filter: &AgentFilter) -> Vec<AgentRecord>;
         fn agent_connected(&self, hello: &Hello, at: Timestamp) -> bool;
         fn agent_disconnected(&self, id: &AgentId, at: Timestamp) -> ();
         fn set_revoked(&self, id: &AgentId, revoked: bool) -> bool;
         fn set_maintenance(&self, id: &AgentId, on: bool) -> bool;
-        fn create_job(&self, job: &JobRecord, commands: &[CommandRecord], bounds: QueueBounds) -> JobInsert;
+        fn create_job(
+            &self,
+            job: &JobRecord,
+            commands: &[CommandRecord],
+            bounds: QueueBounds,
+            claimant: Option<&str>,
+        ) -> JobInsert;
         fn save_commands(&self, records: &[CommandRecord]) -> ();
         fn max_order(&self) -> Option<u64>;
         fn unfinished_commands(&self) -> Vec<CommandRecord>;

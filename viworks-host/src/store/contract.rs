@@ -41,6 +41,7 @@ macro_rules! store_contract_tests {
             agents_paginate_in_id_order_with_capped_limits,
             a_session_start_records_the_hello_and_its_end_the_disconnect,
             revoke_and_maintenance_toggle_and_report_unknown_agents,
+            agents_named_are_read_together_and_unknown_ids_left_out,
             a_job_and_its_commands_are_stored_together,
             the_same_key_and_request_returns_the_existing_job_and_stores_nothing,
             the_same_key_with_another_request_conflicts_and_stores_nothing,
@@ -64,6 +65,7 @@ macro_rules! store_contract_tests {
             the_highest_order_covers_finished_commands_too,
             jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_follow_the_store,
             commands_are_claimed_only_for_agents_present_here_and_released_with_their_state,
+            a_claimant_holds_the_new_commands_of_agents_present_there_from_the_start,
             presence_is_taken_over_by_a_newer_session_of_the_same_instance_only,
             timers_of_unowned_commands_run_from_their_rows,
             cancelling_an_unowned_command_and_what_cannot_be_cancelled,
@@ -235,8 +237,13 @@ async fn enroll<S: Store>(store: &S, agents: &[AgentRecord]) {
     }
 }
 
+/// What creating a job without a claimant returns.
+fn created() -> JobInsert {
+    JobInsert::Created { claimed: Vec::new() }
+}
+
 async fn create<S: Store>(store: &S, job: &JobRecord, commands: &[CommandRecord]) {
-    assert_eq!(store.create_job(job, commands, QueueBounds::UNBOUNDED).await.expect("create job"), JobInsert::Created);
+    assert_eq!(store.create_job(job, commands, QueueBounds::UNBOUNDED, None).await.expect("create job"), created());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +366,18 @@ pub(crate) async fn revoke_and_maintenance_toggle_and_report_unknown_agents<S: S
     assert!(!store.set_maintenance(&unknown, true).await.expect("maintenance"));
 }
 
+pub(crate) async fn agents_named_are_read_together_and_unknown_ids_left_out<S: Store>(store: &S) {
+    enroll(store, &[agent_record("gw-1", "fra"), agent_record("gw-2", "ams"), agent_record("gw-3", "fra")]).await;
+    assert!(store.set_revoked(&agent_id("gw-3"), true).await.expect("revoke"));
+    let ids = [agent_id("gw-3"), agent_id("gw-9"), agent_id("gw-1")];
+    let mut found = store.agents_named(&ids).await.expect("read");
+    found.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    assert_eq!(agent_ids(&found), vec!["gw-1", "gw-3"], "the unknown gw-9 is left out, the revoked gw-3 is not");
+    assert!(found[1].revoked);
+    assert_eq!(found[0], store.agent(&agent_id("gw-1")).await.expect("read").expect("enrolled"));
+    assert!(store.agents_named(&[]).await.expect("read").is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Jobs and idempotency
 
@@ -386,7 +405,7 @@ pub(crate) async fn the_same_key_and_request_returns_the_existing_job_and_stores
     let (mut retry, retry_commands) = job_of("job-2", Some((key("k-1"), digest(1))), &[("cmd-2", "gw-1")], 1);
     retry.created_at = at(60_000);
     assert_eq!(
-        store.create_job(&retry, &retry_commands, QueueBounds::UNBOUNDED).await.expect("resolve"),
+        store.create_job(&retry, &retry_commands, QueueBounds::UNBOUNDED, None).await.expect("resolve"),
         JobInsert::Existing(first.job_id)
     );
     assert_eq!(store.job(&retry.job_id).await.expect("read"), None);
@@ -398,7 +417,7 @@ pub(crate) async fn the_same_key_with_another_request_conflicts_and_stores_nothi
     let (first, commands) = job_of("job-1", Some((key("k-1"), digest(1))), &[("cmd-1", "gw-1")], 0);
     create(store, &first, &commands).await;
     let (other, other_commands) = job_of("job-2", Some((key("k-1"), digest(2))), &[("cmd-2", "gw-1")], 1);
-    match store.create_job(&other, &other_commands, QueueBounds::UNBOUNDED).await {
+    match store.create_job(&other, &other_commands, QueueBounds::UNBOUNDED, None).await {
         Err(StoreError::IdempotencyConflict(k)) => assert_eq!(k, key("k-1")),
         got => panic!("expected a conflict, got {got:?}"),
     }
@@ -415,7 +434,10 @@ pub(crate) async fn jobs_without_a_key_are_always_new<S: Store>(store: &S) {
     assert_eq!(store.unfinished_commands().await.expect("read").len(), 2);
     let (again, again_commands) = job_of("job-1", None, &[("cmd-3", "gw-1")], 2);
     assert!(
-        matches!(store.create_job(&again, &again_commands, QueueBounds::UNBOUNDED).await, Err(StoreError::Exists(_))),
+        matches!(
+            store.create_job(&again, &again_commands, QueueBounds::UNBOUNDED, None).await,
+            Err(StoreError::Exists(_))
+        ),
         "a job id is unique"
     );
 }
@@ -430,7 +452,7 @@ pub(crate) async fn an_expired_key_starts_a_new_job<S: Store>(store: &S) {
     retry.job_id = job_id("job-3");
     retry.created_at = later.created_at.saturating_add(Duration::from_secs(1));
     assert_eq!(
-        store.create_job(&retry, &[], QueueBounds::UNBOUNDED).await.expect("resolve"),
+        store.create_job(&retry, &[], QueueBounds::UNBOUNDED, None).await.expect("resolve"),
         JobInsert::Existing(later.job_id.clone())
     );
     assert!(store.job(&first.job_id).await.expect("read").is_some(), "the old job stays");
@@ -442,7 +464,7 @@ pub(crate) async fn a_failing_job_stores_none_of_its_commands<S: Store>(store: &
     let (second, second_commands) =
         job_of("job-2", Some((key("k-2"), digest(2))), &[("cmd-2", "gw-1"), ("cmd-1", "gw-2")], 1);
     assert!(matches!(
-        store.create_job(&second, &second_commands, QueueBounds::UNBOUNDED).await,
+        store.create_job(&second, &second_commands, QueueBounds::UNBOUNDED, None).await,
         Err(StoreError::Exists(_))
     ));
     assert_eq!(store.job(&second.job_id).await.expect("read"), None);
@@ -859,7 +881,7 @@ pub(crate) async fn many_concurrent_writes_are_all_durable<S: Store>(store: &S) 
 pub(crate) async fn the_highest_order_covers_finished_commands_too<S: Store>(store: &S) {
     assert_eq!(store.max_order().await.expect("reads"), None, "an empty store has no order");
     let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1")], 5);
-    store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("creates");
+    store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("creates");
     store
         .save_commands(&[done(&commands[0], Terminal::Succeeded), done(&commands[1], Terminal::Failed)])
         .await
@@ -887,24 +909,27 @@ fn owner_of_nothing(records: &[CommandRecord]) -> Vec<String> {
 pub(crate) async fn jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_follow_the_store<S: Store>(store: &S) {
     let bounds = QueueBounds { max_commands: 3, per_agent: 2 };
     let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-1")], 40);
-    assert_eq!(store.create_job(&job, &commands, bounds).await.expect("fits"), JobInsert::Created);
+    assert_eq!(store.create_job(&job, &commands, bounds, None).await.expect("fits"), created());
     let (job, commands) = job_of("job-2", None, &[("cmd-3", "gw-1")], 0);
-    match store.create_job(&job, &commands, bounds).await {
+    match store.create_job(&job, &commands, bounds, None).await {
         Err(StoreError::QueueFull { global: false, agents }) => assert_eq!(agents, vec![agent_id("gw-1")]),
         other => panic!("expected the agent's queue to be full, got {other:?}"),
     }
     let (job, commands) = job_of("job-3", None, &[("cmd-4", "gw-2"), ("cmd-5", "gw-3")], 0);
-    assert!(matches!(store.create_job(&job, &commands, bounds).await, Err(StoreError::QueueFull { global: true, .. })));
+    assert!(matches!(
+        store.create_job(&job, &commands, bounds, None).await,
+        Err(StoreError::QueueFull { global: true, .. })
+    ));
     assert!(store.job(&job_id("job-3")).await.expect("reads").is_none(), "a refused job stores nothing");
     let (job, commands) = job_of("job-4", None, &[("cmd-6", "gw-2")], 0);
-    store.create_job(&job, &commands, bounds).await.expect("fits");
+    store.create_job(&job, &commands, bounds, None).await.expect("fits");
     let orders: Vec<u64> = store.unfinished_commands().await.expect("reads").iter().map(|r| r.order).collect();
     assert_eq!(orders, vec![0, 1, 2], "the store numbers commands consecutively, whatever the records said");
     // Finished commands leave the bound.
     let first = store.command(&command_id("cmd-1")).await.expect("reads").expect("stored").record;
     store.save_commands(&[done(&first, Terminal::Succeeded)]).await.expect("saves");
     let (job, commands) = job_of("job-5", None, &[("cmd-7", "gw-1")], 0);
-    store.create_job(&job, &commands, bounds).await.expect("room again");
+    store.create_job(&job, &commands, bounds, None).await.expect("room again");
 }
 
 pub(crate) async fn commands_are_claimed_only_for_agents_present_here_and_released_with_their_state<S: Store>(
@@ -939,6 +964,40 @@ pub(crate) async fn commands_are_claimed_only_for_agents_present_here_and_releas
     store.release_commands("inst-a", &[stale]).await.expect("no-op");
     let third = store.command(&command_id("cmd-3")).await.expect("reads").expect("stored");
     assert!(matches!(third.record.state, CommandState::Queued { .. }));
+}
+
+pub(crate) async fn a_claimant_holds_the_new_commands_of_agents_present_there_from_the_start<S: Store>(store: &S) {
+    store.register_instance(&instance("inst-a", 60_000)).await.expect("registers");
+    store.claim_presence(&agent_id("gw-1"), "inst-a", 1, at(1)).await.expect("claims");
+    let (earlier, earlier_commands) = job_of("job-0", None, &[("cmd-0", "gw-3")], 0);
+    create(store, &earlier, &earlier_commands).await;
+    let (job, commands) = job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-2"), ("cmd-3", "gw-1")], 0);
+    let claimed = match store.create_job(&job, &commands, QueueBounds::UNBOUNDED, Some("inst-a")).await {
+        Ok(JobInsert::Created { claimed }) => claimed,
+        other => panic!("expected the job to be created, got {other:?}"),
+    };
+    assert_eq!(owner_of_nothing(&claimed), vec!["cmd-1", "cmd-3"], "only the agent present here, in order");
+    let orders: Vec<u64> = claimed.iter().map(|r| r.order).collect();
+    assert_eq!(orders, vec![1, 3], "the claimed records carry the orders the store gave them");
+    assert_eq!(
+        store.claim_commands("inst-a", &ClaimScope::All).await.expect("claims"),
+        Vec::<CommandRecord>::new(),
+        "held from the start: there is nothing left to claim"
+    );
+    assert_eq!(
+        store.cancel_unowned(&command_id("cmd-1"), at(2)).await.expect("answers"),
+        CancelOutcome::Owned("inst-a".into())
+    );
+    store.claim_presence(&agent_id("gw-2"), "inst-a", 1, at(1)).await.expect("claims");
+    let later = store.claim_commands("inst-a", &ClaimScope::Job(job_id("job-1"))).await.expect("claims");
+    assert_eq!(owner_of_nothing(&later), vec!["cmd-2"], "the rest is claimed once its agent is present");
+    // A claimant serving none of the targets holds nothing.
+    let (job, commands) = job_of("job-2", None, &[("cmd-4", "gw-3")], 0);
+    assert_eq!(
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, Some("inst-a")).await.expect("creates"),
+        created()
+    );
+    assert_eq!(store.cancel_unowned(&command_id("cmd-4"), at(2)).await.expect("cancels"), CancelOutcome::Cancelled);
 }
 
 pub(crate) async fn presence_is_taken_over_by_a_newer_session_of_the_same_instance_only<S: Store>(store: &S) {

@@ -156,10 +156,15 @@ pub struct JobRecord {
 }
 
 /// What [`Store::create_job`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum JobInsert {
-    /// The job and its commands were stored.
-    Created,
+    /// The job and its commands were stored. `claimed` are the commands the claimant named in
+    /// [`Store::create_job`] now holds, in order, as [`Store::claim_commands`] would return
+    /// them (empty without a claimant).
+    Created {
+        /// The commands stored held by the claimant.
+        claimed: Vec<CommandRecord>,
+    },
     /// The idempotency key was seen with the same request: this is that job, nothing stored.
     Existing(JobId),
 }
@@ -476,6 +481,10 @@ pub trait Store: Send + Sync + 'static {
     /// The agent with this id.
     fn agent(&self, id: &AgentId) -> impl Future<Output = Result<Option<AgentRecord>, StoreError>> + Send;
 
+    /// The enrolled agents among `ids` (revoked ones included, as [`Store::agent`] returns
+    /// them), in one read; ids of agents never enrolled are left out.
+    fn agents_named(&self, ids: &[AgentId]) -> impl Future<Output = Result<Vec<AgentRecord>, StoreError>> + Send;
+
     /// Agents matching `filter`, in id order.
     fn agents(&self, filter: &AgentFilter) -> impl Future<Output = Result<Vec<AgentRecord>, StoreError>> + Send;
 
@@ -499,13 +508,19 @@ pub trait Store: Send + Sync + 'static {
     /// fails with [`StoreError::QueueFull`] and stores nothing. Submissions are serialised
     /// across instances, so the bounds hold for the whole cluster. The store assigns the
     /// commands' orders, consecutive and above every stored one, in the given sequence (the
-    /// records' own `order` is ignored). New commands are held by no instance; the store
-    /// announces the job through [`Store::wakeups`] to every instance.
+    /// records' own `order` is ignored).
+    ///
+    /// With a `claimant` (an instance id), the commands of agents whose presence that
+    /// instance holds are stored held by it, in the same transaction, and returned in
+    /// [`JobInsert::Created`]: the submitting instance dispatches them without a second
+    /// write. The other commands are held by no instance, and the store announces them
+    /// through [`Store::wakeups`] to every instance.
     fn create_job(
         &self,
         job: &JobRecord,
         commands: &[CommandRecord],
         bounds: QueueBounds,
+        claimant: Option<&str>,
     ) -> impl Future<Output = Result<JobInsert, StoreError>> + Send;
 
     /// Persists command lifecycle records (upsert by command id). A command already in a

@@ -8,7 +8,7 @@
 //!   open    ──▶ pg_advisory_xact_lock(migrations) ──▶ pending migrations ──▶ COMMIT
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
@@ -773,6 +773,13 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().next())
     }
 
+    async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(AgentId::as_str).collect();
+        let client = self.client().await?;
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ANY($1)");
+        collect(&client, &sql, &[&ids], decode_agent).await
+    }
+
     async fn agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>, StoreError> {
         let mut sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE TRUE");
         let mut params = Params::default();
@@ -851,6 +858,7 @@ impl Store for PostgresStore {
         job: &JobRecord,
         commands: &[CommandRecord],
         bounds: QueueBounds,
+        claimant: Option<&str>,
     ) -> Result<JobInsert, StoreError> {
         let args = json_text(&job.args)?;
         let records = commands;
@@ -917,6 +925,22 @@ impl Store for PostgresStore {
         for (command, order) in commands.iter_mut().zip(first..) {
             command.order = order;
         }
+        // The agents whose presence the claimant holds: their commands are stored held by it.
+        let present: HashSet<String> = match claimant {
+            Some(id) => {
+                let agents: Vec<&str> = commands.iter().map(|c| c.agent_id.as_str()).collect();
+                let rows = tx
+                    .query(
+                        "SELECT agent_id FROM presence WHERE instance_id = $1 AND agent_id = ANY($2)",
+                        &[&id, &agents],
+                    )
+                    .await
+                    .db()?;
+                rows.iter().map(|row| get::<String>(row, 0, "presence")).collect::<Result<_, _>>()?
+            }
+            None => HashSet::new(),
+        };
+        let owner = |command: &PreparedCommand| claimant.filter(|_| present.contains(&command.agent_id));
         tx.execute(
             "INSERT INTO jobs (job_id, req_id, actor, verb, args, created_at, idempotency_key, request_digest) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -928,7 +952,7 @@ impl Store for PostgresStore {
             .prepare_cached(
                 "INSERT INTO commands (command_id, job_id, agent_id, verb, args, timeout_ms, state, not_before, \
                  session, deadline, terminal_reason, terminal_attempts, attempts, submitted_at, updated_at, \
-                 order_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                 order_seq, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             )
             .await
             .db()?;
@@ -957,6 +981,7 @@ impl Store for PostgresStore {
                         &command.submitted_at,
                         &created_at,
                         &command.order,
+                        &owner(command),
                     ],
                 )
                 .await
@@ -975,10 +1000,19 @@ impl Store for PostgresStore {
         for command in &commands {
             insert_dead_letter(&tx, command, created_at).await?;
         }
-        // Delivered to every listening instance when, and only if, the job commits.
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("job:{job_id}")]).await.db()?;
+        let mut claimed = Vec::new();
+        for (command, record) in commands.iter().zip(records) {
+            if owner(command).is_some() {
+                claimed
+                    .push(CommandRecord { order: u64_from(command.order, "commands", "order_seq")?, ..record.clone() });
+            }
+        }
+        if claimed.len() < commands.len() {
+            // Delivered to every listening instance when, and only if, the job commits.
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("job:{job_id}")]).await.db()?;
+        }
         tx.commit().await.db()?;
-        Ok(JobInsert::Created)
+        Ok(JobInsert::Created { claimed })
     }
 
     async fn save_commands(&self, records: &[CommandRecord]) -> Result<(), StoreError> {
@@ -1605,7 +1639,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone(), options()).await.expect("open");
         store.enroll_agent(&contract::agent_record("gw-1", "fra")).await.expect("enroll");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("create");
         let tamper = raw(&config).await;
         tamper.execute("UPDATE agents SET agent_id = 'not an id!'", &[]).await.expect("tamper");
         tamper.execute("UPDATE commands SET state = 'exploded'", &[]).await.expect("tamper");

@@ -903,12 +903,27 @@ fn decode_stored((command, result): (CommandRow, Option<ResultRow>)) -> Result<S
 }
 
 /// Inserts a new command row (and its dead letter, should it arrive finished that way).
-fn insert_command(conn: &Connection, job_id: &str, command: &PreparedCommand, at: i64) -> Result<(), StoreError> {
+/// Whether `instance_id` holds the presence of `agent_id`.
+fn present_at(conn: &Connection, agent_id: &str, instance_id: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT 1 FROM presence WHERE agent_id = ?1 AND instance_id = ?2")
+        .db()?
+        .exists(params![agent_id, instance_id])
+        .db()
+}
+
+/// Inserts a new command, held by `owner` when given.
+fn insert_command(
+    conn: &Connection,
+    job_id: &str,
+    command: &PreparedCommand,
+    at: i64,
+    owner: Option<&str>,
+) -> Result<(), StoreError> {
     let s = &command.state;
     conn.prepare_cached(
         "INSERT INTO commands (command_id, job_id, agent_id, verb, args, timeout_ms, state, not_before, session, \
-         deadline, terminal_reason, terminal_attempts, attempts, submitted_at, updated_at, order_seq) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+         deadline, terminal_reason, terminal_attempts, attempts, submitted_at, updated_at, order_seq, owner) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )
     .db()?
     .execute(params![
@@ -928,6 +943,7 @@ fn insert_command(conn: &Connection, job_id: &str, command: &PreparedCommand, at
         command.submitted_at,
         at,
         command.order,
+        owner,
     ])
     .map_err(|e| {
         insert_error(e, |e| {
@@ -1229,6 +1245,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
+        let ids: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
+        self.read(move |conn| {
+            let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1");
+            let mut statement = conn.prepare_cached(&sql).db()?;
+            let mut found = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(row) = statement.query_row([id], AgentRow::read).optional().db()? {
+                    found.push(row.decode()?);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>, StoreError> {
         let mut sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE 1 = 1");
         let mut args: Vec<SqlValue> = Vec::new();
@@ -1319,10 +1351,12 @@ impl Store for SqliteStore {
         job: &JobRecord,
         commands: &[CommandRecord],
         bounds: QueueBounds,
+        claimant: Option<&str>,
     ) -> Result<JobInsert, StoreError> {
         let job = job.clone();
         let args = json_text(&job.args)?;
         let records = commands.to_vec();
+        let claimant = claimant.map(str::to_owned);
         let mut commands = commands.iter().map(PreparedCommand::of).collect::<Result<Vec<_>, _>>()?;
         self.write(move |conn| {
             if let Some((key, digest)) = &job.idempotency {
@@ -1393,11 +1427,19 @@ impl Store for SqliteStore {
                 .db()?
                 .query_row([], |row| row.get(0))
                 .db()?;
-            for (command, order) in commands.iter_mut().zip(first..) {
+            let mut claimed = Vec::new();
+            for ((command, record), order) in commands.iter_mut().zip(&records).zip(first..) {
                 command.order = order;
-                insert_command(conn, job.job_id.as_str(), command, created_at)?;
+                let owner = match &claimant {
+                    Some(id) => present_at(conn, &command.agent_id, id)?.then_some(id.as_str()),
+                    None => None,
+                };
+                insert_command(conn, job.job_id.as_str(), command, created_at, owner)?;
+                if owner.is_some() {
+                    claimed.push(CommandRecord { order: u64_from(order, "commands", "order_seq")?, ..record.clone() });
+                }
             }
-            Ok(JobInsert::Created)
+            Ok(JobInsert::Created { claimed })
         })
         .await
     }
@@ -2019,7 +2061,7 @@ pub(crate) mod tests {
         store.enroll_agent(&agent).await.expect("enroll");
         store.append_audit(&audit(1)).await.expect("append");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("create");
         store.close().await;
 
         let store = SqliteStore::open(&path).expect("reopen");
@@ -2086,7 +2128,7 @@ pub(crate) mod tests {
         let (store, dir) = fresh().await;
         store.enroll_agent(&contract::agent_record("gw-1", "fra")).await.expect("enroll");
         let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1")], 0);
-        store.create_job(&job, &commands, QueueBounds::UNBOUNDED).await.expect("create");
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("create");
         let conn = Connection::open(dir.path().join("nested").join("viworks.db")).expect("open the file");
         conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
         conn.execute("UPDATE agents SET agent_id = 'not an id!'", []).expect("tamper");

@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rusqlite::hooks::Wal;
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+use rusqlite::wal::CheckpointMode;
+use rusqlite::{Connection, MAIN_DB, OpenFlags, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use viworks_core::Timestamp;
 use viworks_core::idempotency::{
@@ -184,6 +186,15 @@ const UNFINISHED: &str = "('queued', 'sent', 'acked')";
 /// Rows per multi-row telemetry upsert (4 parameters each, far below SQLite's limit).
 const TELEMETRY_CHUNK: usize = 128;
 
+/// New WAL pages (4 KiB each) after which the checkpointer thread is woken: SQLite's own
+/// automatic-checkpoint interval, moved off the writer.
+const CHECKPOINT_EVERY_PAGES: i32 = 1000;
+
+/// WAL pages at which the writer checkpoints itself, as SQLite would: the checkpointer has
+/// fallen behind, or writes never paused for long enough to let the log restart (SQLite
+/// restarts it only once a checkpoint has copied all of it). Bounds the log at 32 MiB.
+const CHECKPOINT_INLINE_PAGES: i32 = 8192;
+
 /// How the store is sized. [`Default`] suits one host of a large fleet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SqliteOptions {
@@ -280,6 +291,7 @@ impl SqliteStore {
         let mut writer = open_connection(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
         configure_writer(&writer, options.busy_timeout)?;
         migrate(&mut writer)?;
+        let checkpointer = start_checkpointer(&mut writer, path, options.busy_timeout)?;
         let mut readers = Vec::with_capacity(options.readers.max(1));
         for _ in 0..options.readers.max(1) {
             let reader = open_connection(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -293,7 +305,7 @@ impl SqliteStore {
         let max_batch = options.max_batch.max(1);
         let handle = std::thread::Builder::new()
             .name("viworks-sqlite-writer".into())
-            .spawn(move || run_writer(writer, requests, max_batch, &writer_counters))
+            .spawn(move || run_writer(writer, requests, max_batch, &writer_counters, checkpointer))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -409,6 +421,91 @@ fn configure_writer(conn: &Connection, busy_timeout: Duration) -> Result<(), Sto
     Ok(())
 }
 
+/// Moves WAL checkpoints off the writer. SQLite's automatic checkpoint runs inside the commit
+/// that crosses its threshold, so every request of that group waits while pages are copied
+/// into the database file and it is fsynced: the tail of the commit latency. Instead the
+/// writer's WAL hook wakes a thread of its own, whose connection checkpoints PASSIVE (it never
+/// blocks the writer) once per [`CHECKPOINT_EVERY_PAGES`] new pages, so commits go on
+/// meanwhile; past [`CHECKPOINT_INLINE_PAGES`] the writer checkpoints itself, which bounds the
+/// log.
+fn start_checkpointer(
+    writer: &mut Connection,
+    path: &Path,
+    busy_timeout: Duration,
+) -> Result<Checkpointer, StoreError> {
+    let conn = open_connection(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    conn.busy_timeout(busy_timeout).db()?;
+    // A connection opens the log only once it has read the database; until then SQLite
+    // answers a checkpoint with "not in WAL mode".
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())).db()?;
+    let (wake, woken) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name("viworks-sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Ok(Wake::Checkpoint) = woken.recv() {
+                if let Err(e) = settled(conn.wal_checkpoint_v2(Some(MAIN_DB), CheckpointMode::PASSIVE)) {
+                    tracing::warn!(error = %e, "a WAL checkpoint failed; the next one retries");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
+    let stop = wake.clone();
+    // The log's size when the checkpointer was last woken.
+    let mut woken_at = 0;
+    writer
+        .wal_hook(Some(move |wal: &mut Wal, pages: i32| {
+            if pages < woken_at {
+                woken_at = 0; // the log restarted
+            }
+            if pages >= CHECKPOINT_INLINE_PAGES {
+                if let Err(e) = settled(wal.checkpoint_v2(CheckpointMode::PASSIVE)) {
+                    tracing::warn!(error = %e, pages, "a WAL checkpoint failed; the next commit retries");
+                }
+            } else if pages - woken_at >= CHECKPOINT_EVERY_PAGES {
+                woken_at = pages;
+                // Full means a checkpoint is already due, which covers these pages too.
+                let _ = wake.try_send(Wake::Checkpoint);
+            }
+            // Never an error: the transaction is committed by now, and SQLite would report
+            // an error from here as the commit's own.
+            Ok(())
+        }))
+        .db()?;
+    Ok(Checkpointer { stop, handle })
+}
+
+/// The outcome of a PASSIVE checkpoint, with SQLite's refusal while another connection's
+/// checkpoint is under way counted as success: that one does the work.
+fn settled(outcome: rusqlite::Result<(i32, i32)>) -> rusqlite::Result<()> {
+    match outcome {
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// The checkpoint thread, as the writer holds it to stop it.
+struct Checkpointer {
+    stop: std::sync::mpsc::SyncSender<Wake>,
+    handle: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Lets a checkpoint under way finish, then stops the thread and waits for it.
+    fn stop(self) {
+        // An error means the thread is gone already.
+        let _ = self.stop.send(Wake::Stop);
+        if self.handle.join().is_err() {
+            tracing::error!("the SQLite checkpoint thread panicked");
+        }
+    }
+}
+
+/// What the checkpoint thread is woken for.
+enum Wake {
+    Checkpoint,
+    Stop,
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL) STRICT",
@@ -500,7 +597,13 @@ where
     }
 }
 
-fn run_writer(conn: Connection, mut requests: mpsc::Receiver<Message>, max_batch: usize, counters: &Counters) {
+fn run_writer(
+    conn: Connection,
+    mut requests: mpsc::Receiver<Message>,
+    max_batch: usize,
+    counters: &Counters,
+    checkpointer: Checkpointer,
+) {
     let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(max_batch);
     let mut shutdown = None;
     while shutdown.is_none() {
@@ -529,6 +632,8 @@ fn run_writer(conn: Connection, mut requests: mpsc::Receiver<Message>, max_batch
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the SQLite writer connection failed");
     }
+    // The store counts as closed only once no thread of it is left.
+    checkpointer.stop();
     if let Some(done) = shutdown {
         let _ = done.send(());
     }
@@ -2140,6 +2245,35 @@ pub(crate) mod tests {
         assert!(matches!(store.unfinished_commands().await, Ok(v) if v.is_empty()), "not an unfinished state");
         let id = CommandId::new("cmd-1").expect("id");
         assert!(matches!(store.command(&id).await, Err(StoreError::Corrupt { table: "commands", .. })));
+    }
+
+    #[tokio::test]
+    async fn checkpoints_copy_the_log_into_the_database_while_the_store_is_open() {
+        let (store, dir) = fresh().await;
+        let file = dir.path().join("nested").join("viworks.db");
+        let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        let agent = AgentId::new("gw-1").expect("id");
+        let key = MetricKey::new("cpu.load").expect("key");
+        // About 7 MiB of rows and index entries through the log: several checkpoint intervals.
+        for batch in 0..60 {
+            let rows: Vec<TelemetryRow> = (0..2_000)
+                .map(|n| TelemetryRow {
+                    agent_id: agent.clone(),
+                    ts: Timestamp::from_millis(batch * 2_000 + n),
+                    metric_key: key.clone(),
+                    value: n as f64,
+                })
+                .collect();
+            store.save_telemetry(&rows).await.expect("stored");
+        }
+        let grown = || size() >= before + 2 * 1024 * 1024;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !grown() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(grown(), "the database file stayed at {} bytes (was {before})", size());
+        store.close().await;
     }
 
     #[tokio::test]

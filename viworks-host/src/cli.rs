@@ -12,7 +12,7 @@ use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use viworks_core::wire::AgentId;
 use viworks_gateway::shutdown_signal;
 
-use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides};
+use crate::config::{Config, ConfigError, FileConfig, LogFormat, Overrides, StoreUrl};
 use crate::local_agent::{self, LocalAgent};
 use crate::store::{AgentRecord, ChainVerdict, Role, Store};
 use crate::tls::{self, InitOptions, Pki};
@@ -333,6 +333,13 @@ async fn execute(command: Command) -> Result<ExitCode, HostError> {
         }
         Command::Audit { action: AuditAction::Verify { config } } => {
             let config = load_config(&config, None, None)?;
+            // Opening a SQLite path creates the file: a mistyped path would verify an empty
+            // chain and pass.
+            if let StoreUrl::Sqlite(path) = &config.store
+                && !path.exists()
+            {
+                return Err(HostError::NoDatabase(path.clone()));
+            }
             let store = crate::open_store(&config.store, config.postgres).await?;
             let verdict = store.verify_audit().await?;
             store.close().await;

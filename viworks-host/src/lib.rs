@@ -47,6 +47,9 @@ pub enum HostError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A command that reads an existing database found none where the configuration points.
+    #[error("no database at {}: nothing to read (check the data directory or the store URL)", .0.display())]
+    NoDatabase(std::path::PathBuf),
     /// A listener could not be bound.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {

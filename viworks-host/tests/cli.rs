@@ -26,6 +26,16 @@ fn audit_verify_passes_an_intact_chain_and_fails_on_a_row_edited_in_the_file() {
 }
 
 #[test]
+fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("mistyped");
+    let verify = host().args(["audit", "verify", "--data-dir"]).arg(&data).output().expect("runs");
+    assert_eq!(verify.status.code(), Some(1), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("no database at"));
+    assert!(!data.exists(), "verify created {}", data.display());
+}
+
+#[test]
 fn init_refuses_to_overwrite_and_invalid_configuration_exits_2_listing_every_problem() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");

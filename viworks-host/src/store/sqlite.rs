@@ -214,8 +214,8 @@ impl Default for SqliteOptions {
     }
 }
 
-/// What the writer has done since the store opened: with `requests / transactions` the mean
-/// group size, a figure for `/metrics`.
+/// What the writer has done since the store opened: `requests / transactions` is the mean
+/// group size. Read by tests and benchmarks; `/metrics` does not export it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
     /// Transactions committed (or attempted).

@@ -18,7 +18,8 @@ pub const GENESIS: [u8; 32] = [0; 32];
 ///
 /// The canonical JSON (keys sorted, no whitespace, see
 /// [`canonical_json`](viworks_core::idempotency::canonical_json)) makes the hash independent
-/// of how a store orders JSON keys, so any store, or `b3sum` over an export, reproduces it. Costs one pass writing the canonical text and one of BLAKE3 over it.
+/// of how a store orders JSON keys, so any store, or `b3sum` over an export, reproduces it.
+/// Costs one pass writing the canonical text and one of BLAKE3 over it.
 pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(prev);

@@ -1007,7 +1007,13 @@ fn decode_stored((command, result): (CommandRow, Option<ResultRow>)) -> Result<S
     Ok(StoredCommand { record, job_id, updated_at, result })
 }
 
-/// Inserts a new command row (and its dead letter, should it arrive finished that way).
+/// The agent with this id, if enrolled.
+fn read_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1");
+    let row = conn.prepare_cached(&sql).db()?.query_row([id], AgentRow::read).optional().db()?;
+    row.map(AgentRow::decode).transpose()
+}
+
 /// Whether `instance_id` holds the presence of `agent_id`.
 fn present_at(conn: &Connection, agent_id: &str, instance_id: &str) -> Result<bool, StoreError> {
     conn.prepare_cached("SELECT 1 FROM presence WHERE agent_id = ?1 AND instance_id = ?2")
@@ -1016,7 +1022,8 @@ fn present_at(conn: &Connection, agent_id: &str, instance_id: &str) -> Result<bo
         .db()
 }
 
-/// Inserts a new command, held by `owner` when given.
+/// Inserts a new command row, held by `owner` when given (and its dead letter, should it
+/// arrive finished that way).
 fn insert_command(
     conn: &Connection,
     job_id: &str,
@@ -1342,28 +1349,13 @@ impl Store for SqliteStore {
 
     async fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
         let id = id.as_str().to_owned();
-        self.read(move |conn| {
-            let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1");
-            let row = conn.prepare_cached(&sql).db()?.query_row([id], AgentRow::read).optional().db()?;
-            row.map(AgentRow::decode).transpose()
-        })
-        .await
+        self.read(move |conn| read_agent(conn, &id)).await
     }
 
     async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
         let ids: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
-        self.read(move |conn| {
-            let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?1");
-            let mut statement = conn.prepare_cached(&sql).db()?;
-            let mut found = Vec::with_capacity(ids.len());
-            for id in &ids {
-                if let Some(row) = statement.query_row([id], AgentRow::read).optional().db()? {
-                    found.push(row.decode()?);
-                }
-            }
-            Ok(found)
-        })
-        .await
+        // All of them on one read connection, in one trip to the blocking pool.
+        self.read(move |conn| ids.iter().filter_map(|id| read_agent(conn, id).transpose()).collect()).await
     }
 
     async fn agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>, StoreError> {

@@ -215,6 +215,6 @@ pub(super) fn targets(commands: &[CommandRecord]) -> Vec<String> {
     unique.into_iter().map(str::to_owned).collect()
 }
 
-/// A job's targets above which the stores count every agent's unfinished commands in one
-/// grouped scan instead of one indexed count per target.
+/// A job's targets above which the Postgres store counts every agent's unfinished commands in
+/// one grouped scan instead of one indexed count per target.
 pub(super) const PER_TARGET_COUNTS: usize = 64;

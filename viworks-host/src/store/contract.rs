@@ -64,6 +64,7 @@ macro_rules! store_contract_tests {
             many_concurrent_writes_are_all_durable,
             the_highest_order_covers_finished_commands_too,
             jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_follow_the_store,
+            wide_and_narrow_jobs_are_held_to_each_target_queue,
             commands_are_claimed_only_for_agents_present_here_and_released_with_their_state,
             a_claimant_holds_the_new_commands_of_agents_present_there_from_the_start,
             presence_is_taken_over_by_a_newer_session_of_the_same_instance_only,
@@ -930,6 +931,43 @@ pub(crate) async fn jobs_beyond_the_queue_bounds_are_refused_whole_and_orders_fo
     store.save_commands(&[done(&first, Terminal::Succeeded)]).await.expect("saves");
     let (job, commands) = job_of("job-5", None, &[("cmd-7", "gw-1")], 0);
     store.create_job(&job, &commands, bounds, None).await.expect("room again");
+}
+
+/// Jobs of many targets and of few, against a queue holding more or fewer commands than the
+/// job has targets: a store may count differently in each case, never with another answer.
+pub(crate) async fn wide_and_narrow_jobs_are_held_to_each_target_queue<S: Store>(store: &S) {
+    let bounds = QueueBounds { max_commands: 1_000, per_agent: 1 };
+    let names = |job: &str, agents: std::ops::Range<u32>| -> Vec<(String, String)> {
+        agents.map(|n| (format!("{job}-{n}"), format!("gw-{n}"))).collect()
+    };
+    let job = |id: &str, pairs: &[(String, String)]| {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(c, a)| (c.as_str(), a.as_str())).collect();
+        job_of(id, None, &pairs, 0)
+    };
+    let refused = |outcome: Result<JobInsert, StoreError>| match outcome {
+        Err(StoreError::QueueFull { global: false, agents }) => agents,
+        other => panic!("expected a per-agent refusal, got {other:?}"),
+    };
+    let (lone, lone_commands) = job("lone", &names("lone", 5..6));
+    assert_eq!(store.create_job(&lone, &lone_commands, bounds, None).await.expect("fits"), created());
+    // 70 targets, one command queued: gw-5 is full.
+    let (wide, wide_commands) = job("wide", &names("wide", 0..70));
+    assert_eq!(refused(store.create_job(&wide, &wide_commands, bounds, None).await), vec![agent_id("gw-5")]);
+    let (other, other_commands) = job("other", &names("other", 100..170));
+    assert_eq!(store.create_job(&other, &other_commands, bounds, None).await.expect("fits"), created());
+    // 3 targets, 71 commands queued: gw-101 and gw-169 are full, gw-200 is not.
+    let mut narrow_pairs = names("narrow", 101..102);
+    narrow_pairs.extend(names("narrow", 169..170));
+    narrow_pairs.extend(names("narrow", 200..201));
+    let (narrow, narrow_commands) = job("narrow", &narrow_pairs);
+    assert_eq!(
+        refused(store.create_job(&narrow, &narrow_commands, bounds, None).await),
+        vec![agent_id("gw-101"), agent_id("gw-169")]
+    );
+    // Once gw-5's command finishes, the wide job fits.
+    let first = store.command(&command_id("lone-5")).await.expect("reads").expect("stored").record;
+    store.save_commands(&[done(&first, Terminal::Succeeded)]).await.expect("saves");
+    assert_eq!(store.create_job(&wide, &wide_commands, bounds, None).await.expect("fits"), created());
 }
 
 pub(crate) async fn commands_are_claimed_only_for_agents_present_here_and_released_with_their_state<S: Store>(

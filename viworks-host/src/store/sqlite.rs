@@ -32,8 +32,8 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    PER_TARGET_COUNTS, StateColumns, audit_rows, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
-    millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    StateColumns, audit_rows, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
+    session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
@@ -178,10 +178,27 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX commands_unfinished ON commands (agent_id) WHERE state IN ('queued', 'sent', 'acked');
     CREATE INDEX commands_owner ON commands (owner) WHERE owner IS NOT NULL;
     "#,
+    // Version 3: the number of unfinished commands, kept by the statements that change it, so
+    // that checking a submission against the global queue bound reads one row instead of
+    // counting the queue. (Triggers would keep it too, but a table with triggers makes SQLite
+    // journal every statement on it: they tripled the cost of inserting a command.)
+    r#"
+    CREATE TABLE queue_total (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        unfinished INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO queue_total (id, unfinished)
+        SELECT 1, COUNT(*) FROM commands WHERE state IN ('queued', 'sent', 'acked');
+    "#,
 ];
 
 /// The states a command leaves; every other state name is terminal.
 const UNFINISHED: &str = "('queued', 'sent', 'acked')";
+
+/// Whether a state name is one of [`UNFINISHED`].
+fn is_unfinished(state: &str) -> bool {
+    matches!(state, "queued" | "sent" | "acked")
+}
 
 /// Rows per multi-row telemetry upsert (4 parameters each, far below SQLite's limit).
 const TELEMETRY_CHUNK: usize = 128;
@@ -291,6 +308,7 @@ impl SqliteStore {
         let mut writer = open_connection(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
         configure_writer(&writer, options.busy_timeout)?;
         migrate(&mut writer)?;
+        recount_unfinished(&writer)?;
         let checkpointer = start_checkpointer(&mut writer, path, options.busy_timeout)?;
         let mut readers = Vec::with_capacity(options.readers.max(1));
         for _ in 0..options.readers.max(1) {
@@ -504,6 +522,28 @@ impl Checkpointer {
 enum Wake {
     Checkpoint,
     Stop,
+}
+
+/// Sets the kept number of unfinished commands from the commands themselves, so that a count
+/// gone wrong (a row edited by hand) is right again from the next start.
+fn recount_unfinished(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("UPDATE queue_total SET unfinished = (SELECT COUNT(*) FROM commands WHERE state IN {UNFINISHED})"),
+        [],
+    )
+    .db()?;
+    Ok(())
+}
+
+/// Moves the kept number of unfinished commands by `delta`, in the caller's transaction.
+fn add_unfinished(conn: &Connection, delta: i64) -> Result<(), StoreError> {
+    if delta != 0 {
+        conn.prepare_cached("UPDATE queue_total SET unfinished = unfinished + ?1 WHERE id = 1")
+            .db()?
+            .execute([delta])
+            .db()?;
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -1126,22 +1166,36 @@ fn write_state(
     }
     .db()?;
     if changed > 0 {
+        // Only unfinished rows match, so a terminal state here is a command leaving the queue.
+        if !is_unfinished(s.name) {
+            add_unfinished(conn, -1)?;
+        }
         insert_dead_letter(conn, command, at)?;
     }
     Ok(changed > 0)
 }
 
 /// Unfinished commands stored now: in all, and for each target agent of `records` that has any.
+///
+/// The total is the kept count (one row). The agents' counts are looked up one target at a
+/// time, or, for a job of more targets than there are unfinished commands, read in one pass
+/// over the unfinished commands: either way no more index entries than the smaller of the two.
 fn unfinished_counts(conn: &Connection, records: &[CommandRecord]) -> Result<(u64, BTreeMap<String, u64>), StoreError> {
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     let total: i64 = conn
-        .prepare_cached(&format!("SELECT COUNT(*) FROM commands WHERE state IN {UNFINISHED}"))
+        .prepare_cached("SELECT unfinished FROM queue_total WHERE id = 1")
         .db()?
         .query_row([], |row| row.get(0))
-        .db()?;
+        .optional()
+        .db()?
+        .ok_or_else(|| corrupt("queue_total", "the row is missing"))?;
+    let total = count(total);
     let mut per_agent = BTreeMap::new();
+    if total == 0 {
+        return Ok((0, per_agent));
+    }
     let agents = targets(records);
-    if agents.len() <= PER_TARGET_COUNTS {
+    if agents.len() as u64 <= total {
         let mut statement = conn
             .prepare_cached(&format!("SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND state IN {UNFINISHED}"))
             .db()?;
@@ -1152,9 +1206,11 @@ fn unfinished_counts(conn: &Connection, records: &[CommandRecord]) -> Result<(u6
             }
         }
     } else {
+        // The partial index holds exactly the unfinished commands, in agent order: no sort.
         let mut statement = conn
             .prepare_cached(&format!(
-                "SELECT agent_id, COUNT(*) FROM commands WHERE state IN {UNFINISHED} GROUP BY agent_id"
+                "SELECT agent_id, COUNT(*) FROM commands INDEXED BY commands_unfinished \
+                 WHERE state IN {UNFINISHED} GROUP BY agent_id"
             ))
             .db()?;
         let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))).db()?;
@@ -1163,7 +1219,7 @@ fn unfinished_counts(conn: &Connection, records: &[CommandRecord]) -> Result<(u6
             per_agent.insert(agent, count(n));
         }
     }
-    Ok((count(total), per_agent))
+    Ok((total, per_agent))
 }
 
 /// A command record encoded for its row, built before it goes to the writer.
@@ -1536,6 +1592,7 @@ impl Store for SqliteStore {
                     claimed.push(CommandRecord { order: u64_from(order, "commands", "order_seq")?, ..record.clone() });
                 }
             }
+            add_unfinished(conn, commands.iter().filter(|c| is_unfinished(c.state.name)).count() as i64)?;
             Ok(JobInsert::Created { claimed })
         })
         .await
@@ -2265,6 +2322,82 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(grown(), "the database file stayed at {} bytes (was {before})", size());
+        store.close().await;
+    }
+
+    /// The kept number of unfinished commands, beside the same counted from the commands.
+    fn unfinished(conn: &Connection) -> (i64, i64) {
+        let one = |sql: &str| -> i64 { conn.query_row(sql, [], |row| row.get(0)).expect("count") };
+        (
+            one("SELECT unfinished FROM queue_total WHERE id = 1"),
+            one(&format!("SELECT COUNT(*) FROM commands WHERE state IN {UNFINISHED}")),
+        )
+    }
+
+    #[test]
+    fn the_unfinished_states_are_the_ones_named_in_sql() {
+        for state in ["queued", "sent", "acked", "succeeded", "failed", "timed_out", "cancelled", "dead_lettered"] {
+            assert_eq!(is_unfinished(state), UNFINISHED.contains(&format!("'{state}'")), "{state}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_kept_count_of_unfinished_commands_follows_every_change() {
+        let (store, dir) = fresh().await;
+        let conn = Connection::open(dir.path().join("nested").join("viworks.db")).expect("open the file");
+        conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        let check = |step: &str, expected: i64| assert_eq!(unfinished(&conn), (expected, expected), "after {step}");
+        check("opening", 0);
+        let pairs = [("cmd-1", "gw-1"), ("cmd-2", "gw-1"), ("cmd-3", "gw-2"), ("cmd-4", "gw-3"), ("cmd-5", "gw-3")];
+        let (job, commands) = contract::job_of("job-1", None, &pairs, 0);
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("create");
+        check("a job", 5);
+        let sent = CommandRecord { state: CommandState::Sent { session: 1 }, ..commands[2].clone() };
+        let finished = CommandRecord { state: CommandState::Done(Terminal::Succeeded), ..commands[0].clone() };
+        store.save_commands(&[sent, finished.clone()]).await.expect("saved");
+        check("a command sent and one finished", 4);
+        store.save_commands(&[finished]).await.expect("saved");
+        check("the same command finished again", 4);
+        let refused = contract::job_of("job-2", None, &[("cmd-6", "gw-1"), ("cmd-7", "gw-4")], 0);
+        let bounds = QueueBounds { max_commands: 100, per_agent: 1 };
+        assert!(store.create_job(&refused.0, &refused.1, bounds, None).await.is_err(), "gw-1 is full");
+        check("a refused job", 4);
+        let cancelled = store.cancel_unowned(&commands[1].command.command_id, Timestamp::from_millis(1)).await;
+        assert_eq!(cancelled.expect("cancels"), CancelOutcome::Cancelled);
+        check("a cancelled command", 3);
+        let expired = store.expire_unowned(Timestamp::from_millis(u64::MAX / 4), Duration::ZERO).await;
+        assert_eq!(expired.expect("expired").len(), 3, "every unowned command outlived its timers");
+        check("the queue's timers", 0);
+        // A count gone wrong is right again from the next start.
+        conn.execute("UPDATE queue_total SET unfinished = 42", []).expect("tamper");
+        store.close().await;
+        let _reopened = SqliteStore::open(dir.path().join("nested").join("viworks.db")).expect("reopen");
+        check("reopening", 0);
+    }
+
+    #[tokio::test]
+    async fn the_unfinished_count_of_an_older_database_is_filled_in_by_its_upgrade() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("viworks.db");
+        let store = SqliteStore::open(&path).expect("open");
+        let (job, commands) = contract::job_of("job-1", None, &[("cmd-1", "gw-1"), ("cmd-2", "gw-2")], 0);
+        store.create_job(&job, &commands, QueueBounds::UNBOUNDED, None).await.expect("create");
+        store.close().await;
+        // Back to version 2: the commands stay, the count goes.
+        let conn = Connection::open(&path).expect("open the file");
+        conn.execute_batch("DROP TABLE queue_total; DELETE FROM schema_migrations WHERE version = 3;")
+            .expect("downgrade");
+        let store = SqliteStore::open(&path).expect("the upgrade applies");
+        assert_eq!(unfinished(&conn), (2, 2));
+        let bounds = QueueBounds { max_commands: 2, per_agent: 10 };
+        let (job, commands) = contract::job_of("job-2", None, &[("cmd-3", "gw-3")], 0);
+        assert!(
+            matches!(
+                store.create_job(&job, &commands, bounds, None).await,
+                Err(StoreError::QueueFull { global: true, .. })
+            ),
+            "the upgraded count holds the bound"
+        );
         store.close().await;
     }
 

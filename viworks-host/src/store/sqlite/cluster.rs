@@ -10,7 +10,10 @@ use viworks_core::Timestamp;
 use viworks_core::session::CommandRecord;
 use viworks_core::wire::{AgentId, CommandId};
 
-use super::{COMMAND_COLUMNS, CommandRow, PreparedCommand, SqlResult, SqliteStore, UNFINISHED, collect, write_state};
+use super::{
+    COMMAND_COLUMNS, CommandRow, PreparedCommand, SqlResult, SqliteStore, UNFINISHED, add_unfinished, collect,
+    write_state,
+};
 use crate::store::columns::{expired, session_sql, ts_from, ts_sql};
 use crate::store::{CancelOutcome, ClaimScope, InstanceRecord, PresenceClaim, StoreError};
 
@@ -254,6 +257,7 @@ impl SqliteStore {
                 .execute(params![id, ts_sql(now)])
                 .db()?;
             if changed > 0 {
+                add_unfinished(conn, -1)?;
                 return Ok(CancelOutcome::Cancelled);
             }
             let row = conn

@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A label naming a kind: a reject code, a violation, a state, a route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +52,12 @@ pub struct Metrics {
     pub http_requests: Family<KindLabel, Counter>,
     /// Security audit records not written because of the audit rate limit.
     pub audit_suppressed: Counter,
+    /// Transactions of the SQLite writer, mirrored from the store at each scrape.
+    pub writer_transactions: Counter,
+    /// Write requests of the SQLite writer, mirrored from the store at each scrape.
+    pub writer_requests: Counter,
+    /// Seconds the SQLite writer spent in transactions, mirrored from the store at each scrape.
+    pub writer_busy_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -76,6 +83,9 @@ impl Metrics {
             in_flight: Gauge::default(),
             http_requests: Family::default(),
             audit_suppressed: Counter::default(),
+            writer_transactions: Counter::default(),
+            writer_requests: Counter::default(),
+            writer_busy_seconds: Counter::default(),
         };
         registry.register("agent_sessions", "Live agent sessions", metrics.sessions.clone());
         registry.register("agent_connections", "Agent TLS connections accepted", metrics.connections.clone());
@@ -105,6 +115,21 @@ impl Metrics {
             "Security audit records not written because of the audit rate limit",
             metrics.audit_suppressed.clone(),
         );
+        registry.register(
+            "store_writer_transactions",
+            "Transactions committed by the SQLite writer",
+            metrics.writer_transactions.clone(),
+        );
+        registry.register(
+            "store_writer_requests",
+            "Write requests handled by the SQLite writer",
+            metrics.writer_requests.clone(),
+        );
+        registry.register(
+            "store_writer_busy_seconds",
+            "Time the SQLite writer spent in transactions, fsync included",
+            metrics.writer_busy_seconds.clone(),
+        );
         Metrics { registry: Arc::new(registry), ..metrics }
     }
 
@@ -117,6 +142,20 @@ impl Metrics {
         out
     }
 
+    /// Raises `counter`, which mirrors a count kept elsewhere, to `value`. Never lowers it, so
+    /// two scrapes at once cannot count anything twice.
+    pub fn mirror(counter: &Counter, value: u64) {
+        counter.inner().fetch_max(value, Ordering::Relaxed);
+    }
+
+    /// [`Metrics::mirror`] for a counter of seconds. Non-negative doubles order as their bit
+    /// patterns do, so the largest bit pattern is the largest value.
+    pub fn mirror_seconds(counter: &Counter<f64, AtomicU64>, seconds: f64) {
+        if seconds.is_finite() && seconds >= 0.0 {
+            counter.inner().fetch_max(seconds.to_bits(), Ordering::Relaxed);
+        }
+    }
+
     /// Counts one of `family` under `kind`.
     pub fn count(family: &Family<KindLabel, Counter>, kind: &str) {
         family.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
@@ -126,5 +165,27 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrored_counters_follow_the_largest_value_seen() {
+        let metrics = Metrics::new();
+        Metrics::mirror(&metrics.writer_transactions, 7);
+        Metrics::mirror(&metrics.writer_transactions, 5);
+        assert_eq!(metrics.writer_transactions.get(), 7, "a stale read never lowers it");
+        Metrics::mirror(&metrics.writer_transactions, 9);
+        assert_eq!(metrics.writer_transactions.get(), 9);
+        for (seconds, expected) in [(0.25, 0.25), (1.5, 1.5), (0.75, 1.5), (f64::NAN, 1.5), (-3.0, 1.5), (2.0, 2.0)] {
+            Metrics::mirror_seconds(&metrics.writer_busy_seconds, seconds);
+            assert_eq!(metrics.writer_busy_seconds.get(), expected, "after {seconds}");
+        }
+        let text = metrics.render();
+        assert!(text.contains("viworks_store_writer_transactions_total 9"), "{text}");
+        assert!(text.contains("viworks_store_writer_busy_seconds_total 2.0"), "{text}");
     }
 }

@@ -371,6 +371,15 @@ async fn health_reports_every_component_and_metrics_count_submissions_and_reques
     ] {
         assert!(metrics.body.contains(line), "{line} missing from\n{}", metrics.body);
     }
+    // The SQLite writer's counters: the enrolment and the submission were written.
+    let value = |name: &str| -> f64 {
+        let line = metrics.body.lines().find(|l| l.starts_with(&format!("{name} "))).expect(name);
+        line[name.len() + 1..].parse().expect("a number")
+    };
+    let transactions = value("viworks_store_writer_transactions_total");
+    assert!(transactions >= 1.0, "{transactions}");
+    assert!(value("viworks_store_writer_requests_total") >= transactions);
+    assert!(value("viworks_store_writer_busy_seconds_total") > 0.0);
     assert_eq!(api.call("GET", "/api/v1/nope", Some(&api.admin), None).await.status, 404);
     let not_allowed = api.call("PUT", "/api/v1/agents/gw-1", Some(&api.admin), None).await;
     assert_eq!(not_allowed.status, 405);

@@ -116,6 +116,13 @@ impl Store for AnyStore {
         }
     }
 
+    fn writer_stats(&self) -> Option<super::sqlite::WriterStats> {
+        match self {
+            AnyStore::Sqlite(store) => Store::writer_stats(store),
+            AnyStore::Postgres(store) => store.writer_stats(),
+        }
+    }
+
     fn wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<Wakeup>> {
         match self {
             AnyStore::Sqlite(store) => store.wakeups(),

@@ -601,6 +601,12 @@ pub trait Store: Send + Sync + 'static {
     /// The connection pool's occupancy.
     fn pool_status(&self) -> PoolStatus;
 
+    /// What the store's single writer has done, for a store that has one (SQLite); `None`
+    /// for a store whose writes go to a server (Postgres reports its own).
+    fn writer_stats(&self) -> Option<sqlite::WriterStats> {
+        None
+    }
+
     // ---- instances sharing the store ---------------------------------------------------------
 
     /// Registers a starting instance. A store only one process can serve (SQLite) treats

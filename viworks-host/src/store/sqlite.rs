@@ -232,13 +232,17 @@ impl Default for SqliteOptions {
 }
 
 /// What the writer has done since the store opened: `requests / transactions` is the mean
-/// group size. Read by tests and benchmarks; `/metrics` does not export it.
+/// group size, and the growth of `busy` over a span of time is the share of it the writer
+/// spent writing (a writer busy nearly all the time makes every write wait). Exported on
+/// `/metrics` as `viworks_store_writer_*`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
     /// Transactions committed (or attempted).
     pub transactions: u64,
     /// Write requests handled.
     pub requests: u64,
+    /// Time spent in transactions, from BEGIN to the end of the COMMIT (its fsync included).
+    pub busy: Duration,
 }
 
 /// The SQLite implementation of [`Store`]. Cheap to clone: clones share one writer thread and
@@ -283,6 +287,7 @@ impl Drop for Inner {
 struct Counters {
     transactions: AtomicU64,
     requests: AtomicU64,
+    busy_nanos: AtomicU64,
 }
 
 enum Message {
@@ -359,6 +364,7 @@ impl SqliteStore {
         WriterStats {
             transactions: self.inner.counters.transactions.load(Ordering::Relaxed),
             requests: self.inner.counters.requests.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.inner.counters.busy_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -682,6 +688,7 @@ fn run_writer(
 /// Applies `batch` in one transaction, each request in its own savepoint, commits once and
 /// answers every request.
 fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>, counters: &Counters) {
+    let started = Instant::now();
     counters.transactions.fetch_add(1, Ordering::Relaxed);
     counters.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
@@ -724,6 +731,8 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>, counters: 
     if committed.is_err() && !conn.is_autocommit() {
         let _ = exec(conn, "ROLLBACK");
     }
+    let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counters.busy_nanos.fetch_add(busy, Ordering::Relaxed);
     if let Err(why) = &committed {
         tracing::error!(requests = batch.len(), error = %why, "a SQLite write batch failed");
     }
@@ -2063,6 +2072,10 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    fn writer_stats(&self) -> Option<WriterStats> {
+        Some(SqliteStore::writer_stats(self))
     }
 
     fn pool_status(&self) -> PoolStatus {

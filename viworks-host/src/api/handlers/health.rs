@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::api::ApiState;
 use crate::api::response::{self, Body};
-use crate::metrics::KindLabel;
+use crate::metrics::{KindLabel, Metrics};
 use crate::store::{Store, StoreStats};
 
 /// A database slower than this to answer a ping is degraded.
@@ -68,7 +68,8 @@ pub(super) async fn healthz<S: Store + Clone>(state: &ApiState<S>) -> Response<B
     response::json(if healthy { 200 } else { 503 }, &body)
 }
 
-/// `GET /metrics`: refreshes the command-state and queue gauges, then renders every metric.
+/// `GET /metrics`: refreshes the command-state and queue gauges and the store writer's
+/// counters, then renders every metric.
 pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<Body> {
     let metrics = state.control.metrics();
     match state.control.store().stats().await {
@@ -84,6 +85,11 @@ pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<B
             }
         }
         Err(error) => tracing::warn!(%error, "metrics: reading store statistics failed; command gauges are stale"),
+    }
+    if let Some(writer) = state.control.store().writer_stats() {
+        Metrics::mirror(&metrics.writer_transactions, writer.transactions);
+        Metrics::mirror(&metrics.writer_requests, writer.requests);
+        Metrics::mirror_seconds(&metrics.writer_busy_seconds, writer.busy.as_secs_f64());
     }
     response::with_body(200, "text/plain; version=0.0.4; charset=utf-8", response::full(metrics.render()))
 }

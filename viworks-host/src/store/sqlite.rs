@@ -181,14 +181,14 @@ const MIGRATIONS: &[&str] = &[
     // Version 3: the number of unfinished commands, kept by the statements that change it, so
     // that checking a submission against the global queue bound reads one row instead of
     // counting the queue. (Triggers would keep it too, but a table with triggers makes SQLite
-    // journal every statement on it: they tripled the cost of inserting a command.)
+    // journal every statement on it: they tripled the cost of inserting a command.) The row
+    // starts at zero; `recount_unfinished`, run at every open after the migrations, fills it in.
     r#"
     CREATE TABLE queue_total (
         id         INTEGER PRIMARY KEY CHECK (id = 1),
         unfinished INTEGER NOT NULL
     ) STRICT;
-    INSERT INTO queue_total (id, unfinished)
-        SELECT 1, COUNT(*) FROM commands WHERE state IN ('queued', 'sent', 'acked');
+    INSERT INTO queue_total (id, unfinished) VALUES (1, 0);
     "#,
 ];
 

@@ -22,6 +22,7 @@ use viworks_host::tls::Pki;
 use super::dial::{self, Socket};
 use super::fleet::Identity;
 use super::options::EchoServerArgs;
+use super::pace;
 use super::stats::Summary;
 use super::system;
 use super::{Deadline, LoadgenError};
@@ -224,15 +225,13 @@ pub async fn measure(
     // Round trips at the plan's rate, open loop, each timed from when it was due.
     let interval = Duration::from_secs_f64(1.0 / f64::from(plan.rate.max(1)));
     let total = (f64::from(plan.rate) * plan.duration.as_secs_f64()).round() as usize;
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
     let mut sent = 0;
-    for k in 0..total {
-        let due = start + interval * k as u32;
-        if due > deadline.instant() {
+    let mut ticks = pace::ticks(std::time::Instant::now() + Duration::from_millis(10), interval, total);
+    while let Some((k, due)) = ticks.recv().await {
+        if tokio::time::Instant::from_std(due) > deadline.instant() {
             return Err(deadline.expired("echo round trips", format!("{k} of {total} sent")));
         }
-        tokio::time::sleep_until(due).await;
-        if senders[k % senders.len()].1.try_send(due.into_std()).is_ok() {
+        if senders[k % senders.len()].1.try_send(due).is_ok() {
             sent += 1;
         }
     }

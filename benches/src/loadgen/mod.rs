@@ -19,6 +19,7 @@ pub mod echo;
 mod error;
 pub mod fleet;
 pub mod options;
+pub mod pace;
 pub mod phases;
 pub mod probe;
 pub mod process;

@@ -16,6 +16,7 @@ use viworks_core::wire::{AgentId, CommandId};
 use super::agent::{self, Context, Orders, SyntheticAgent, TelemetryOrder};
 use super::api::{Api, SumCount};
 use super::fleet::{Identity, SITE};
+use super::pace;
 use super::probe::Probe;
 use super::stats::Summary;
 use super::system;
@@ -237,6 +238,9 @@ pub struct RoundTripFigures {
     pub round_trip: Summary,
     /// Due time of the POST to its 202 (the command is durable).
     pub accepted: Summary,
+    /// Due time of the POST to when the load generator began sending it: its own lateness,
+    /// part of every figure measured from the due time.
+    pub late: Summary,
     /// Due time of the POST to the COMMAND at the agent.
     pub delivered: Summary,
     /// COMMAND at the agent to RESULT_ACK at the agent: ACK and RESULT out, result stored,
@@ -279,24 +283,31 @@ pub async fn round_trip(
     let ids = Arc::new(AsyncMutex::new(Vec::<CommandId>::with_capacity(due_count)));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(AsyncMutex::new(None::<String>));
+    let lateness = Arc::new(std::sync::Mutex::new(Vec::<Duration>::with_capacity(due_count)));
     let mut posts = JoinSet::new();
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
-    for k in 0..due_count {
-        let due = start + interval.mul_f64(k as f64);
-        if due > deadline.instant() {
+    let mut ticks = pace::ticks(Instant::now() + Duration::from_millis(10), interval, due_count);
+    while let Some((k, due)) = ticks.recv().await {
+        if tokio::time::Instant::from_std(due) > deadline.instant() {
             return Err(deadline.expired("round trips", format!("{k} of {due_count} sent")));
         }
-        tokio::time::sleep_until(due).await;
         let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else { break };
         let body = json!({ "verb": agent::VERB, "args": {}, "targets": [agents[k % agents.len()].as_str()] });
-        let (api, probe, ids, errors, first_error) =
-            (Arc::clone(api), Arc::clone(probe), Arc::clone(&ids), Arc::clone(&errors), Arc::clone(&first_error));
+        let (api, probe, ids, errors, first_error, lateness) = (
+            Arc::clone(api),
+            Arc::clone(probe),
+            Arc::clone(&ids),
+            Arc::clone(&errors),
+            Arc::clone(&first_error),
+            Arc::clone(&lateness),
+        );
         posts.spawn(async move {
+            let late = due.elapsed();
+            lateness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(late);
             match api.submit(&body).await {
                 Ok(submission) => {
                     let accepted = Instant::now();
                     for id in &submission.commands {
-                        probe.submitted(id, due.into_std(), accepted);
+                        probe.submitted(id, due, accepted);
                     }
                     ids.lock().await.extend(submission.commands);
                 }
@@ -333,6 +344,7 @@ pub async fn round_trip(
         first_error,
         round_trip,
         accepted: since(|t| t.submitted, |t| t.accepted),
+        late: Summary::of(std::mem::take(&mut *lateness.lock().unwrap_or_else(std::sync::PoisonError::into_inner))),
         delivered: since(|t| t.submitted, |t| t.arrived),
         result_stored: since(|t| t.arrived, |t| t.stored),
         host_result_store,

@@ -169,6 +169,7 @@ impl HostRun {
                 "first_error": r.first_error,
                 "round_trip": r.round_trip.to_json(),
                 "accepted": r.accepted.to_json(),
+                "late": r.late.to_json(),
                 "delivered": r.delivered.to_json(),
                 "result_stored": r.result_stored.to_json(),
                 "host_result_store_mean_ms": r.host_result_store.map(ms),
@@ -416,6 +417,7 @@ impl Report {
                 writeln!(f, "   POST due → 202 (command durable): {}", r.accepted)?;
                 writeln!(f, "   POST due → COMMAND at agent:      {}", r.delivered)?;
                 writeln!(f, "   COMMAND → RESULT_ACK at agent:    {}", r.result_stored)?;
+                writeln!(f, "   POST due → sent (our own lateness): {}", r.late)?;
                 let mean = |d: Option<Duration>| d.map(|d| format!("{:.2} ms", ms(d))).unwrap_or_else(|| "n/a".into());
                 writeln!(
                     f,

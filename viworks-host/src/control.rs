@@ -266,7 +266,7 @@ struct Inner<S> {
     dispatch: Mutex<Dispatch>,
     live: Mutex<BTreeMap<AgentId, Live>>,
     sent_at: Mutex<BTreeMap<CommandId, Timestamp>>,
-    dirty: Mutex<BTreeMap<CommandId, CommandRecord>>,
+    dirty: Mutex<Dirty>,
     persist: Notify,
     updates: broadcast::Sender<CommandRecord>,
     entropy: Mutex<Entropy>,
@@ -359,7 +359,7 @@ impl<S: Store + Clone> Control<S> {
                 dispatch: Mutex::new(Dispatch { dispatcher }),
                 live: Mutex::new(BTreeMap::new()),
                 sent_at: Mutex::new(BTreeMap::new()),
-                dirty: Mutex::new(BTreeMap::new()),
+                dirty: Mutex::new(Dirty::default()),
                 persist: Notify::new(),
                 updates,
                 entropy: Mutex::new(entropy),
@@ -527,11 +527,14 @@ impl<S: Store + Clone> Control<S> {
             let superseded: Vec<CommandRecord> = {
                 let mut dirty = lock(&self.inner.dirty);
                 let ids: Vec<CommandId> = dirty
+                    .records
                     .values()
                     .filter(|r| r.command.agent_id == *agent)
                     .map(|r| r.command.command_id.clone())
                     .collect();
-                ids.iter().filter_map(|id| dirty.remove(id)).collect()
+                // Their audit records stay queued: the persister appends them after its next
+                // write, which comes after this one.
+                ids.iter().filter_map(|id| dirty.records.remove(id)).collect()
             };
             let mut delay = Duration::from_millis(100);
             loop {
@@ -556,7 +559,7 @@ impl<S: Store + Clone> Control<S> {
                     }
                 }
             }
-            self.publish(superseded).await;
+            self.publish(superseded, Vec::new()).await;
         }
         if let Err(error) = store.release_presence(agent, instance, session).await {
             tracing::warn!(%agent, %error, "releasing the agent's presence failed; its lease will lapse");
@@ -678,21 +681,24 @@ impl<S: Store + Clone> Control<S> {
         };
         let commands: Vec<(CommandId, AgentId)> =
             records.iter().map(|r| (r.command.command_id.clone(), r.command.agent_id.clone())).collect();
+        // Queued before any command can be dispatched, so that each command's record of its
+        // creation precedes every later one in the chain; and in one wait for the queue, not
+        // one per command, so that a broadcast's answer does not queue behind its own sessions.
+        let detail = serde_json::json!({ "job_id": job_id, "req_id": request.req_id, "verb": request.verb.as_str() });
+        let created = event(self.now(), &request.actor, "command.created", Vec::new(), "queued", detail);
+        let created = commands
+            .iter()
+            .map(|(command, agent)| NewAudit {
+                targets: vec![agent.to_string(), command.to_string()],
+                ..created.clone()
+            })
+            .collect();
+        self.inner.auditor.record_all(created).await;
         // Agents served here took their commands as the job was stored; other instances were
         // notified by the store and claim theirs, and the sweep catches any wake-up that went
         // missing.
         self.adopt(claimed).await;
         self.inner.metrics.submitted.inc_by(commands.len() as u64);
-        for (command, agent) in &commands {
-            self.audit_event(
-                &request.actor,
-                "command.created",
-                vec![agent.to_string(), command.to_string()],
-                "queued",
-                serde_json::json!({ "job_id": job_id, "req_id": request.req_id, "verb": request.verb.as_str() }),
-            )
-            .await;
-        }
         Ok(Submitted { job_id, commands, replayed: false })
     }
 
@@ -846,7 +852,7 @@ impl<S: Store + Clone> Control<S> {
         match store.cancel_unowned(id, now).await? {
             CancelOutcome::Cancelled => {
                 if let Some(stored) = store.command(id).await? {
-                    self.publish(vec![stored.record]).await;
+                    self.publish_changed(vec![stored.record]).await;
                 }
                 Ok(())
             }
@@ -874,14 +880,14 @@ impl<S: Store + Clone> Control<S> {
     /// Writes every pending command record now.
     async fn flush(&self) -> Result<(), ControlError> {
         let _writes = self.inner.writes.lock().await;
-        let batch: Vec<CommandRecord> = std::mem::take(&mut *lock(&self.inner.dirty)).into_values().collect();
+        let (batch, transitions) = std::mem::take(&mut *lock(&self.inner.dirty)).split();
         match self.inner.store.save_commands(&batch).await {
             Ok(()) => {
-                self.publish(batch).await;
+                self.publish(batch, transitions).await;
                 Ok(())
             }
             Err(error) => {
-                self.requeue_dirty(batch);
+                self.requeue_dirty(batch, transitions);
                 Err(error.into())
             }
         }
@@ -914,18 +920,7 @@ impl<S: Store + Clone> Control<S> {
         rc: &str,
         detail: serde_json::Value,
     ) {
-        let entry = NewAudit {
-            ts: self.now(),
-            req_id: String::new(),
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            args_hash: audit::chain::args_hash(&detail),
-            targets,
-            rc: rc.to_owned(),
-            duration_ms: 0,
-            detail,
-        };
-        self.audit(entry).await;
+        self.audit(event(self.now(), actor, action, targets, rc, detail)).await;
     }
 
     /// Queues `entry` for the audit chain, waiting for room when the queue is full.
@@ -977,10 +972,12 @@ impl<S: Store + Clone> Control<S> {
             }
         }
         if !changed.is_empty() {
+            let now = self.now();
             let mut dirty = lock(&self.inner.dirty);
             for record in changed {
+                dirty.transitions.push(transition_audit(&record, now));
                 // The latest state of a command supersedes any unwritten earlier one.
-                dirty.insert(record.command.command_id.clone(), record);
+                dirty.records.insert(record.command.command_id.clone(), record);
             }
             self.inner.persist.notify_one();
         }
@@ -1000,11 +997,8 @@ impl<S: Store + Clone> Control<S> {
     async fn persister(self) {
         loop {
             let writes = self.inner.writes.lock().await;
-            let batch: Vec<CommandRecord> = {
-                let taken = std::mem::take(&mut *lock(&self.inner.dirty));
-                taken.into_values().collect()
-            };
-            if batch.is_empty() {
+            let (batch, transitions) = std::mem::take(&mut *lock(&self.inner.dirty)).split();
+            if batch.is_empty() && transitions.is_empty() {
                 drop(writes);
                 if self.inner.closing.load(Ordering::Acquire) {
                     return;
@@ -1025,34 +1019,43 @@ impl<S: Store + Clone> Control<S> {
             match self.inner.store.save_commands(&batch).await {
                 Ok(()) => {
                     drop(writes);
-                    self.publish(batch).await;
+                    self.publish(batch, transitions).await;
                 }
                 Err(error) => {
                     drop(writes);
                     tracing::error!(%error, records = batch.len(), "persisting command records failed; retrying");
-                    self.requeue_dirty(batch);
+                    self.requeue_dirty(batch, transitions);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
     }
 
-    /// Announces durable command records to subscribers and appends their audit records.
-    async fn publish(&self, batch: Vec<CommandRecord>) {
-        let now = self.now();
+    /// Announces durable command records to subscribers and appends the audit records of
+    /// the changes they hold.
+    async fn publish(&self, batch: Vec<CommandRecord>, transitions: Vec<NewAudit>) {
         for record in batch {
-            let audit = transition_audit(&record, now);
             let _ = self.inner.updates.send(record);
-            self.inner.auditor.record(audit).await;
         }
+        self.inner.auditor.record_all(transitions).await;
     }
 
-    /// Puts records whose write failed back, unless a newer record of the command is waiting.
-    fn requeue_dirty(&self, batch: Vec<CommandRecord>) {
+    /// Publishes records the store changed itself, one change each.
+    async fn publish_changed(&self, records: Vec<CommandRecord>) {
+        let now = self.now();
+        let transitions = records.iter().map(|record| transition_audit(record, now)).collect();
+        self.publish(records, transitions).await;
+    }
+
+    /// Puts records whose write failed back, unless a newer record of the command is waiting,
+    /// and their changes' audit records before any that came since.
+    fn requeue_dirty(&self, batch: Vec<CommandRecord>, transitions: Vec<NewAudit>) {
         let mut dirty = lock(&self.inner.dirty);
         for record in batch {
-            dirty.entry(record.command.command_id.clone()).or_insert(record);
+            dirty.records.entry(record.command.command_id.clone()).or_insert(record);
         }
+        let since = std::mem::replace(&mut dirty.transitions, transitions);
+        dirty.transitions.extend(since);
     }
 
     /// Keeps this instance's lease, reaps dead instances, claims commands whose wake-up was
@@ -1103,7 +1106,7 @@ impl<S: Store + Clone> Control<S> {
                 self.claim(&ClaimScope::All).await;
             }
             match store.expire_unowned(now, self.inner.config.dispatch.queue_ttl).await {
-                Ok(expired) => self.publish(expired).await,
+                Ok(expired) => self.publish_changed(expired).await,
                 Err(error) => tracing::warn!(%error, "expiring unowned commands failed"),
             }
         }
@@ -1199,6 +1202,26 @@ impl<S: Store + Clone> Control<S> {
     }
 }
 
+/// Command changes the persister has yet to write.
+#[derive(Default)]
+struct Dirty {
+    /// The latest record of each changed command.
+    records: BTreeMap<CommandId, CommandRecord>,
+    /// The audit record of every change, in order, including those whose record a later
+    /// change superseded: the chain keeps each step of a command's life, the store its last.
+    transitions: Vec<NewAudit>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.transitions.is_empty()
+    }
+
+    fn split(self) -> (Vec<CommandRecord>, Vec<NewAudit>) {
+        (self.records.into_values().collect(), self.transitions)
+    }
+}
+
 /// What [`Control::store_job`] did with a submission.
 enum Stored {
     /// Stored as a new job; `claimed` are its commands this instance holds.
@@ -1219,6 +1242,28 @@ fn sortable_id(now: Timestamp, random: [u8; 32]) -> String {
 /// The first 16 bytes of `bytes` as 32 lowercase hex digits.
 fn hex16(bytes: [u8; 32]) -> String {
     bytes[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An audit record of an event at `now` that took no time of its own.
+fn event(
+    now: Timestamp,
+    actor: &str,
+    action: &str,
+    targets: Vec<String>,
+    rc: &str,
+    detail: serde_json::Value,
+) -> NewAudit {
+    NewAudit {
+        ts: now,
+        req_id: String::new(),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        args_hash: audit::chain::args_hash(&detail),
+        targets,
+        rc: rc.to_owned(),
+        duration_ms: 0,
+        detail,
+    }
 }
 
 /// The audit record for a command's new state.

@@ -167,7 +167,19 @@ async fn a_command_round_trip_is_persisted_once_even_when_its_result_is_delivere
     assert_eq!(stored.result.expect("result").result.output, serde_json::json!({"cpu": 1.5}));
     let job = store.job(&first.job_id).await.expect("store").expect("job");
     assert_eq!(job.1.len(), 1, "one command, not two");
+    let store = store.clone();
     host.shutdown().await;
+    // The command's life in the audit chain, oldest first.
+    let trail =
+        store.audit(&AuditFilter { limit: 1000, ..AuditFilter::default() }).await.expect("read the audit trail");
+    let lifecycle: Vec<&str> = trail
+        .iter()
+        .rev()
+        .filter(|entry| entry.content.targets.iter().any(|t| t == command_id.as_str()))
+        .map(|entry| entry.content.action.as_str())
+        .collect();
+    // Every step, though the store may have written only the last of those that came close.
+    assert_eq!(lifecycle, ["command.created", "command.dispatched", "command.acked", "command.finished"]);
 }
 
 #[tokio::test]

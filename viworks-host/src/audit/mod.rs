@@ -29,7 +29,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 /// record, never propagated: auditing must not take the request path down, and the failure
 /// itself is visible in the logs and in `audit verify`.
 pub async fn record<S: Store>(store: &S, entry: NewAudit) {
-    append(store, vec![entry]).await;
+    append(store, vec![entry]).await.iter().for_each(emit);
 }
 
 /// The host's audit appender. Cheap to clone; clones feed the same queue.
@@ -86,7 +86,21 @@ impl Auditor {
     }
 }
 
+/// Appended batches waiting to be emitted, at most; beyond it the appender waits.
+const EMIT_QUEUE: usize = 2;
+
 async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
+    // Emitting a batch overlaps appending the next: the chain's order is the log's order,
+    // since one task emits the batches in the order they were appended.
+    let (emit_queue, mut appended) = mpsc::channel::<(Vec<AuditEntry>, Vec<oneshot::Sender<()>>)>(EMIT_QUEUE);
+    let emitter = tokio::spawn(async move {
+        while let Some((stored, flushes)) = appended.recv().await {
+            stored.iter().for_each(emit);
+            for done in flushes {
+                let _ = done.send(());
+            }
+        }
+    });
     let mut messages = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut messages, BATCH).await > 0 {
         // Nothing waits for a record to be stored but a flush: gather what else arrives for
@@ -111,30 +125,38 @@ async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
         }
         // Records queued after a flush request in the same batch are appended before it is
         // answered too, which only makes the answer later, never wrong.
-        append(&store, entries).await;
-        for done in flushes {
-            let _ = done.send(());
+        let stored = append(&store, entries).await;
+        if emit_queue.send((stored, flushes)).await.is_err() {
+            break;
         }
     }
+    drop(emit_queue);
+    let _ = emitter.await;
 }
 
-/// Appends `entries` in one write and emits each; if that write fails, appends them one at a
-/// time so that one bad record does not cost the others.
-async fn append<S: Store>(store: &S, entries: Vec<NewAudit>) {
+/// Appends `entries` in one write and returns them as stored; if that write fails, appends
+/// them one at a time so that one bad record does not cost the others, and logs any record
+/// that could not be stored.
+async fn append<S: Store>(store: &S, entries: Vec<NewAudit>) -> Vec<AuditEntry> {
     if entries.is_empty() {
-        return;
+        return Vec::new();
     }
     match store.append_audits(&entries).await {
-        Ok(stored) => stored.iter().for_each(emit),
-        Err(error) if entries.len() == 1 => entries.iter().for_each(|entry| not_stored(entry, &error)),
+        Ok(stored) => stored,
+        Err(error) if entries.len() == 1 => {
+            entries.iter().for_each(|entry| not_stored(entry, &error));
+            Vec::new()
+        }
         Err(error) => {
             tracing::warn!(%error, records = entries.len(), "appending audit records together failed; retrying each");
+            let mut all = Vec::with_capacity(entries.len());
             for entry in &entries {
                 match store.append_audits(std::slice::from_ref(entry)).await {
-                    Ok(stored) => stored.iter().for_each(emit),
+                    Ok(stored) => all.extend(stored),
                     Err(error) => not_stored(entry, &error),
                 }
             }
+            all
         }
     }
 }

@@ -202,6 +202,32 @@ impl CpuMeter {
     }
 }
 
+/// CPU time per [`QUIET_WINDOW`] below which a server counts as idle: a tenth of a core, above
+/// what 10,000 idle agents' heartbeats cost a host.
+pub const QUIET_CPU: Duration = Duration::from_millis(10);
+
+/// How often [`quiet`] samples the server's CPU time.
+pub const QUIET_WINDOW: Duration = Duration::from_millis(100);
+
+/// Waits, at most `limit`, until the server `pid` (and the store server `store`, with its
+/// children) used less than [`QUIET_CPU`] in a [`QUIET_WINDOW`]: what a phase left behind (a
+/// broadcast's state and audit writes, say) is done before the next phase is measured.
+/// Returns how long it waited, or `None` if the server was still busy at `limit`.
+pub async fn quiet(pid: u32, store: Option<u32>, limit: Duration) -> Option<Duration> {
+    let used = || cpu_of(pid).unwrap_or_default() + store.and_then(|s| cpu_of_tree(s).ok()).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let mut before = used();
+    while started.elapsed() < limit {
+        tokio::time::sleep(QUIET_WINDOW).await;
+        let now = used();
+        if now.saturating_sub(before) < QUIET_CPU {
+            return Some(started.elapsed());
+        }
+        before = now;
+    }
+    None
+}
+
 /// The 1, 5 and 15 minute load averages from `/proc/loadavg`, as printed there; empty when
 /// unreadable. Other work on the machine competes with the host for its cores.
 pub fn load_average() -> String {
@@ -253,6 +279,20 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(cpu_of(pid).expect("own stat") > before, "50 ms of spinning shows as CPU time");
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_process_is_quiet_and_a_spinning_one_is_not() {
+        let mut sleeper = std::process::Command::new("sleep").arg("10").spawn().expect("sleep runs");
+        let mut spinner =
+            std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh runs");
+        let waited = quiet(sleeper.id(), None, Duration::from_secs(5)).await;
+        assert!(waited.is_some_and(|w| w < Duration::from_secs(5)), "{waited:?}");
+        assert_eq!(quiet(spinner.id(), None, Duration::from_millis(500)).await, None);
+        for child in [&mut sleeper, &mut spinner] {
+            child.kill().expect("kill");
+            child.wait().expect("reaped");
+        }
     }
 
     #[test]

@@ -224,6 +224,19 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_records_at_once_than_the_queue_holds_are_all_appended_in_order() {
+        let (store, _dir) = fresh().await;
+        let auditor = Auditor::start(store.clone());
+        let count = QUEUE as u64 + 10;
+        auditor.record_all((1..=count).map(entry).collect()).await;
+        auditor.flush().await;
+        assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: count });
+        let newest = store.audit(&crate::store::AuditFilter { limit: 20, ..Default::default() }).await.expect("read");
+        let order: Vec<u64> = newest.iter().map(|record| record.content.duration_ms).collect();
+        assert_eq!(order, (count - 19..=count).rev().collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn a_flush_with_nothing_queued_returns() {
         let (store, _dir) = fresh().await;

@@ -674,6 +674,17 @@ impl<S: Store + Clone> Control<S> {
     /// commands durably, then queues them. Nothing is queued when any step refuses.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, ControlError> {
         let agents = self.resolve_targets(&request.targets).await?;
+        // From here on the job may become durable, its commands held by this instance: the
+        // rest runs in a task of its own, so that a caller who stops waiting (a client that
+        // hangs up) cannot leave the job stored but its commands neither queued nor audited.
+        let control = self.clone();
+        tokio::spawn(async move { control.accept_job(request, agents).await }).await.unwrap_or_else(|error| {
+            Err(ControlError::Store(StoreError::Database(format!("accepting the submission failed: {error}"))))
+        })
+    }
+
+    /// Stores the job for `agents`, audits its commands' creation and queues them.
+    async fn accept_job(&self, request: SubmitRequest, agents: Vec<AgentId>) -> Result<Submitted, ControlError> {
         let now = self.now();
         let (job_id, records, claimed) = match self.store_job(&request, &agents, now).await? {
             Stored::Existing(existing) => return self.existing_job(existing).await,

@@ -98,7 +98,9 @@ fn init_logging(format: LogFormat) {
             default()
         }),
     };
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a journal or a file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().finish().with(filter).init(),
         LogFormat::Text => builder.finish().with(filter).init(),

@@ -26,6 +26,43 @@ fn audit_verify_passes_an_intact_chain_and_fails_on_a_row_edited_in_the_file() {
 }
 
 #[test]
+fn a_log_that_is_no_terminal_is_plain_text() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    assert!(host().arg("init").arg("--data-dir").arg(&data).output().expect("runs").status.success());
+    let mut serve = host()
+        .args(["serve", "--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = serve.stderr.take().expect("piped");
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let started = line.contains("host started");
+            if lines.send(line).is_err() || started {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    while let Ok(line) = read.recv_timeout(std::time::Duration::from_secs(20)) {
+        let started = line.contains("host started");
+        log.push(line);
+        if started {
+            break;
+        }
+    }
+    serve.kill().expect("killed");
+    let _ = serve.wait();
+    assert!(log.last().is_some_and(|l| l.contains("host started")), "{log:?}");
+    assert!(log.iter().all(|l| !l.contains('\u{1b}')), "colour codes in a log that is no terminal: {log:?}");
+}
+
+#[test]
 fn audit_verify_of_a_missing_database_fails_and_creates_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("mistyped");

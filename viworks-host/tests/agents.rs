@@ -98,6 +98,27 @@ async fn an_agent_whose_certificate_names_another_id_is_refused() {
 }
 
 #[tokio::test]
+async fn a_tcp_probe_is_counted_but_not_audited_and_a_garbage_handshake_is_both() {
+    let fleet = Fleet::new().await;
+    let host = viworks_host::start(&fleet.config).await.expect("starts");
+    let metrics = || host.control().metrics().render();
+    // Connect and close without a byte, as a load balancer's health check does.
+    drop(tokio::net::TcpStream::connect(host.agent_addr).await.expect("connects"));
+    let counted = eventually(Duration::from_secs(3), async || {
+        metrics().contains("viworks_hello_refused_total{kind=\"probe\"} 1")
+    })
+    .await;
+    assert!(counted, "{}", metrics());
+    let mut garbage = tokio::net::TcpStream::connect(host.agent_addr).await.expect("connects");
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"GET / HTTP/1.1\r\n\r\n").await.expect("writes");
+    assert!(audited(&host, "security.tls_refused").await);
+    let filter = AuditFilter { action: Some("security.tls_refused".into()), limit: 10, ..AuditFilter::default() };
+    let refusals = host.control().store().audit(&filter).await.expect("read the audit trail");
+    assert_eq!(refusals.len(), 1, "the probe is not audited: {refusals:?}");
+    host.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_at_the_tls_layer() {
     let fleet = Fleet::new().await;
     fleet.enroll("gw-1").await;

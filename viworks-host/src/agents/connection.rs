@@ -62,6 +62,14 @@ impl<S: Store + Clone> Connection<S> {
 
     /// TLS with a client certificate, the WebSocket upgrade on `/ws/agent`, and the HELLO.
     async fn admit(&self, stream: TcpStream) -> Option<(Socket, HostSession)> {
+        // A connection closed before its first byte is a TCP probe (a load balancer's health
+        // check, a port scan), not a failed handshake: counted, but neither warned about nor
+        // audited, so that probes every few seconds do not bury real refusals.
+        if let Ok(0) = stream.peek(&mut [0u8; 1]).await {
+            tracing::debug!(peer = %self.peer, "connection closed before any byte (a TCP probe)");
+            Metrics::count(&self.control.metrics().refused, "probe");
+            return None;
+        }
         let tls = match self.acceptor.accept(stream).await {
             Ok(tls) => tls,
             Err(error) => {

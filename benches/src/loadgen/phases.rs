@@ -163,6 +163,26 @@ async fn wait_stored(probe: &Probe, ids: &[CommandId], until: tokio::time::Insta
     }
 }
 
+/// The POSTs of a phase that failed: how many, and what the first one said.
+#[derive(Debug, Default)]
+struct Failures {
+    count: AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Failures {
+    fn record(&self, error: &LoadgenError) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_with(|| error.to_string());
+    }
+
+    /// The count and the first message.
+    fn read(&self) -> (u64, Option<String>) {
+        let first = self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        (self.count.load(Ordering::Relaxed), first)
+    }
+}
+
 /// What the broadcast phase measured.
 #[derive(Clone, Debug, Default)]
 pub struct BroadcastFigures {
@@ -281,8 +301,7 @@ pub async fn round_trip(
     let due_count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let semaphore = Arc::new(Semaphore::new(in_flight));
     let ids = Arc::new(AsyncMutex::new(Vec::<CommandId>::with_capacity(due_count)));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(AsyncMutex::new(None::<String>));
+    let failures = Arc::new(Failures::default());
     let lateness = Arc::new(std::sync::Mutex::new(Vec::<Duration>::with_capacity(due_count)));
     let mut posts = JoinSet::new();
     let mut ticks = pace::ticks(Instant::now() + Duration::from_millis(10), interval, due_count);
@@ -292,14 +311,8 @@ pub async fn round_trip(
         }
         let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else { break };
         let body = json!({ "verb": agent::VERB, "args": {}, "targets": [agents[k % agents.len()].as_str()] });
-        let (api, probe, ids, errors, first_error, lateness) = (
-            Arc::clone(api),
-            Arc::clone(probe),
-            Arc::clone(&ids),
-            Arc::clone(&errors),
-            Arc::clone(&first_error),
-            Arc::clone(&lateness),
-        );
+        let (api, probe, ids, failures, lateness) =
+            (Arc::clone(api), Arc::clone(probe), Arc::clone(&ids), Arc::clone(&failures), Arc::clone(&lateness));
         posts.spawn(async move {
             let late = due.elapsed();
             lateness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(late);
@@ -311,10 +324,7 @@ pub async fn round_trip(
                     }
                     ids.lock().await.extend(submission.commands);
                 }
-                Err(error) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    first_error.lock().await.get_or_insert(error.to_string());
-                }
+                Err(error) => failures.record(&error),
             }
             drop(permit);
         });
@@ -330,7 +340,7 @@ pub async fn round_trip(
         Summary::of(timelines.iter().filter_map(|t| Some(to(t)?.saturating_duration_since(from(t)?))).collect())
     };
     let round_trip = since(|t| t.submitted, |t| t.stored);
-    let first_error = first_error.lock().await.clone();
+    let (errors, first_error) = failures.read();
     let host_mean = |before: Option<SumCount>, after: Result<SumCount, LoadgenError>| {
         before.zip(after.ok()).and_then(|(before, after)| after.mean_since(&before))
     };
@@ -340,7 +350,7 @@ pub async fn round_trip(
         rate,
         due: due_count,
         completed: round_trip.count,
-        errors: errors.load(Ordering::Relaxed),
+        errors,
         first_error,
         round_trip,
         accepted: since(|t| t.submitted, |t| t.accepted),
@@ -394,9 +404,8 @@ pub async fn sustained(
     let batch = batch.min(agents.len()).max(1);
     let stored_at_start = Probe::read(&probe.results_stored);
     let submitted = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Failures::default());
     let cursor = Arc::new(AtomicUsize::new(0));
-    let first_error = Arc::new(AsyncMutex::new(None::<String>));
     let posts = Arc::new(AsyncMutex::new(Vec::<Duration>::new()));
     let start = tokio::time::Instant::now();
     let end = start + duration;
@@ -405,14 +414,13 @@ pub async fn sustained(
     }
     let mut tasks = JoinSet::new();
     for _ in 0..submitters {
-        let (api, probe, agents, submitted, errors, cursor, first_error, posts) = (
+        let (api, probe, agents, submitted, failures, cursor, posts) = (
             Arc::clone(api),
             Arc::clone(probe),
             Arc::clone(agents),
             Arc::clone(&submitted),
-            Arc::clone(&errors),
+            Arc::clone(&failures),
             Arc::clone(&cursor),
-            Arc::clone(&first_error),
             Arc::clone(&posts),
         );
         tasks.spawn(async move {
@@ -432,8 +440,7 @@ pub async fn sustained(
                     Ok(_) => posts.lock().await.push(t0.elapsed()),
                     Err(error) => {
                         submitted.fetch_sub(batch as u64, Ordering::Relaxed);
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.lock().await.get_or_insert(error.to_string());
+                        failures.record(&error);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -454,7 +461,7 @@ pub async fn sustained(
     probe.clear();
     let window = t2 - t1;
     let completed = c2 - c1;
-    let first_error = first_error.lock().await.clone();
+    let (errors, first_error) = failures.read();
     let post = Summary::of(std::mem::take(&mut *posts.lock().await));
     Ok(SustainedFigures {
         batch,
@@ -463,7 +470,7 @@ pub async fn sustained(
         completed,
         per_second: completed as f64 / window.as_secs_f64().max(1e-9),
         submitted: total,
-        errors: errors.load(Ordering::Relaxed),
+        errors,
         first_error,
         post,
     })

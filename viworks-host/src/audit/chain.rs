@@ -1,11 +1,13 @@
 //! The audit hash chain: each record's hash covers its predecessor's hash and its own content,
 //! so editing, inserting or removing a record anywhere but at the end breaks every later link.
 //!
-//! Pure functions shared by every store: [`link_hash`] when appending, [`verify`] when walking.
+//! Shared by every store: a record is [`Prepared`] where it is made, linked by [`Tip::link`] when
+//! a store appends it, and checked by [`verify`] when the chain is walked.
 
 use std::fmt::Write as _;
 
 use serde_json::Value;
+use viworks_core::Timestamp;
 use viworks_core::idempotency::{RequestDigest, push_canonical_json, push_json_string};
 
 use crate::store::{AuditEntry, ChainVerdict, NewAudit};
@@ -59,15 +61,68 @@ fn canonical_content(content: &NewAudit) -> String {
 
 /// A 32-byte hash as 64 lowercase hexadecimal digits, as stored in `prev_hash` and `hash`.
 pub fn to_hex(hash: &[u8; 32]) -> String {
-    blake3::Hash::from_bytes(*hash).to_hex().to_string()
+    hex(hash).to_string()
 }
 
-/// The stored record that follows a record hashed `prev`, at position `seq`, with `content`.
-/// Stores call this when appending, so the hash a store writes is by construction the one
-/// [`verify`] expects.
-pub fn link(seq: u64, prev: &[u8; 32], content: NewAudit) -> AuditEntry {
-    let hash = link_hash(prev, &content);
-    AuditEntry { seq, content, prev_hash: to_hex(prev), hash: to_hex(&hash) }
+/// [`to_hex`] without allocating, for binding to a statement.
+pub fn hex(hash: &[u8; 32]) -> impl std::ops::Deref<Target = str> + std::fmt::Display {
+    blake3::Hash::from_bytes(*hash).to_hex()
+}
+
+/// An audit record ready to be linked: its content as every store keeps it, and the canonical
+/// JSON of that content, which is both what the chain hashes and the `record` of the record's
+/// `audit` log line.
+///
+/// Writing that text is most of the cost of linking a record. Preparing does it once, where the
+/// record is made, so that the store's writer, which links records one after the other, only
+/// hashes, and the log line needs no second serialisation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prepared {
+    content: NewAudit,
+    canonical: String,
+}
+
+impl Prepared {
+    /// Prepares `content`. Its times and durations are first saturated as the stores keep
+    /// them (both store 64-bit signed integers; a value past `i64::MAX` reads back as
+    /// `u64::MAX`), so that the hash taken now is the hash of what verification reads later.
+    pub fn new(mut content: NewAudit) -> Prepared {
+        content.ts = Timestamp::from_millis(as_stored(content.ts.as_millis()));
+        content.duration_ms = as_stored(content.duration_ms);
+        let canonical = canonical_content(&content);
+        Prepared { content, canonical }
+    }
+
+    /// The content, as it will read back from the store.
+    pub fn content(&self) -> &NewAudit {
+        &self.content
+    }
+
+    /// The canonical JSON of the content: keys sorted, no whitespace.
+    pub fn canonical(&self) -> &str {
+        &self.canonical
+    }
+
+    /// The stored record this becomes at `link`.
+    pub fn into_entry(self, link: Link) -> AuditEntry {
+        AuditEntry { seq: link.seq, content: self.content, prev_hash: to_hex(&link.prev), hash: to_hex(&link.hash) }
+    }
+}
+
+/// A `u64` as it reads back from a store's signed 64-bit column.
+fn as_stored(value: u64) -> u64 {
+    if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
+}
+
+/// Where a record joined the chain: its position, its predecessor's hash and its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// The predecessor's hash ([`GENESIS`] for the first record).
+    pub prev: [u8; 32],
+    /// `blake3(prev || canonical JSON of the content)`.
+    pub hash: [u8; 32],
 }
 
 /// The end of a stored chain: the record the next one links to.
@@ -89,13 +144,16 @@ impl Tip {
         Ok(Tip { seq, hash: hash.into() })
     }
 
-    /// The record with `content` linked after this tip, which it then becomes.
-    pub fn append(&mut self, content: NewAudit) -> AuditEntry {
-        let seq = self.seq.saturating_add(1);
-        let hash = link_hash(&self.hash, &content);
-        let entry = AuditEntry { seq, content, prev_hash: to_hex(&self.hash), hash: to_hex(&hash) };
-        *self = Tip { seq, hash };
-        entry
+    /// Links `record` after this tip, which it then becomes. Stores call this when appending,
+    /// so the hash a store writes is by construction the one [`verify`] expects. Costs one
+    /// BLAKE3 pass over the prepared text.
+    pub fn link(&mut self, record: &Prepared) -> Link {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.hash);
+        hasher.update(record.canonical.as_bytes());
+        let link = Link { seq: self.seq.saturating_add(1), prev: self.hash, hash: *hasher.finalize().as_bytes() };
+        *self = Tip { seq: link.seq, hash: link.hash };
+        link
     }
 }
 
@@ -150,7 +208,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
-    use viworks_core::Timestamp;
     use viworks_core::idempotency::canonical_json;
 
     fn content(n: u64) -> NewAudit {
@@ -168,26 +225,41 @@ mod tests {
     }
 
     fn chain(len: u64) -> Vec<AuditEntry> {
-        let mut prev = GENESIS;
-        let mut out = Vec::new();
-        for seq in 1..=len {
-            let entry = link(seq, &prev, content(seq));
-            prev = blake3::Hash::from_hex(&entry.hash).expect("hex").into();
-            out.push(entry);
-        }
-        out
+        let mut tip = Tip::EMPTY;
+        (1..=len)
+            .map(|seq| {
+                let record = Prepared::new(content(seq));
+                let link = tip.link(&record);
+                record.into_entry(link)
+            })
+            .collect()
     }
 
     #[test]
-    fn a_tip_links_what_link_links() {
+    fn a_tip_links_in_sequence_and_reads_back_from_its_columns() {
         let mut tip = Tip::EMPTY;
-        let appended: Vec<AuditEntry> = (1..=3).map(|seq| tip.append(content(seq))).collect();
-        assert_eq!(appended, chain(3));
-        let last = &appended[2];
-        let stored = Tip::from_stored(3, &last.hash).expect("a valid tip");
+        let links: Vec<Link> = (1..=3).map(|seq| tip.link(&Prepared::new(content(seq)))).collect();
+        assert_eq!(links.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(links[0].prev, GENESIS);
+        assert_eq!(links[1].prev, links[0].hash);
+        assert_eq!(links[2].hash, link_hash(&links[1].hash, &content(3)));
+        let stored = Tip::from_stored(3, &to_hex(&links[2].hash)).expect("a valid tip");
         assert_eq!(stored, tip);
-        assert!(Tip::from_stored(-1, &last.hash).is_err());
+        assert!(Tip::from_stored(-1, &to_hex(&links[2].hash)).is_err());
         assert!(Tip::from_stored(3, "not hex").is_err());
+    }
+
+    #[test]
+    fn a_prepared_record_reads_back_as_stored_and_its_text_is_its_canonical_json() {
+        let mut far = content(1);
+        far.ts = Timestamp::from_millis(u64::MAX - 1);
+        far.duration_ms = i64::MAX.unsigned_abs();
+        let record = Prepared::new(far);
+        assert_eq!(record.content().ts, Timestamp::from_millis(u64::MAX));
+        assert_eq!(record.content().duration_ms, u64::MAX);
+        let value = serde_json::to_value(record.content()).expect("json");
+        assert_eq!(record.canonical(), canonical_json(&value));
+        assert_eq!(Prepared::new(content(2)).content(), &content(2), "ordinary values are kept");
     }
 
     #[test]
@@ -220,8 +292,9 @@ mod tests {
     fn a_recomputed_hash_breaks_at_the_next_record() {
         let mut entries = chain(4);
         entries[1].content.rc = "500".into();
-        let prev: [u8; 32] = blake3::Hash::from_hex(&entries[0].hash).expect("hex").into();
-        entries[1] = link(2, &prev, entries[1].content.clone());
+        let mut tip = Tip::from_stored(1, &entries[0].hash).expect("tip");
+        let record = Prepared::new(entries[1].content.clone());
+        entries[1] = record.clone().into_entry(tip.link(&record));
         assert!(matches!(verify(entries), ChainVerdict::Broken { seq: 3, .. }));
     }
 

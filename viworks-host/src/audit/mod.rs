@@ -11,9 +11,12 @@
 
 pub mod chain;
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{AuditEntry, NewAudit, Store};
+use self::chain::{Link, Prepared};
+use crate::store::{NewAudit, Store};
 
 /// Records waiting to be appended, at most; beyond it producers wait for room.
 pub const QUEUE: usize = 16_384;
@@ -29,7 +32,9 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 /// record, never propagated: auditing must not take the request path down, and the failure
 /// itself is visible in the logs and in `audit verify`.
 pub async fn record<S: Store>(store: &S, entry: NewAudit) {
-    append(store, vec![entry]).await.iter().for_each(emit);
+    let records: Arc<[Prepared]> = Arc::from([Prepared::new(entry)]);
+    let links = append(store, Arc::clone(&records)).await;
+    emit(&records, &links);
 }
 
 /// The host's audit appender. Cheap to clone; clones feed the same queue.
@@ -39,8 +44,9 @@ pub struct Auditor {
 }
 
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "nearly every message is a record: boxing it would allocate for each")]
 enum Message {
-    Record(NewAudit),
+    Record(Prepared),
     Flush(oneshot::Sender<()>),
 }
 
@@ -53,24 +59,27 @@ impl Auditor {
         Auditor { queue }
     }
 
-    /// Queues `entry` for the chain, waiting for room if the queue is full.
+    /// Queues `entry` for the chain, waiting for room if the queue is full. The record is
+    /// prepared here, in the producer's task, not in the appender's.
     pub async fn record(&self, entry: NewAudit) {
-        if let Err(mpsc::error::SendError(Message::Record(entry))) = self.queue.send(Message::Record(entry)).await {
+        if let Err(mpsc::error::SendError(Message::Record(record))) =
+            self.queue.send(Message::Record(Prepared::new(entry))).await
+        {
             // Only when the runtime is shutting down under us: keep the record in the log.
-            not_stored(&entry, &"the auditor has stopped");
+            not_stored(&record, &"the auditor has stopped");
         }
     }
 
     /// Queues `entries` in their order, waiting for room for as many as the queue holds at
     /// once rather than for each: one wait, not one per record, for a job's thousands.
     pub async fn record_all(&self, entries: Vec<NewAudit>) {
-        let mut entries = entries.into_iter().peekable();
+        let mut entries = entries.into_iter().map(Prepared::new).peekable();
         while entries.peek().is_some() {
-            let chunk: Vec<NewAudit> = entries.by_ref().take(QUEUE).collect();
+            let chunk: Vec<Prepared> = entries.by_ref().take(QUEUE).collect();
             match self.queue.reserve_many(chunk.len()).await {
-                Ok(permits) => permits.zip(chunk).for_each(|(permit, entry)| permit.send(Message::Record(entry))),
+                Ok(permits) => permits.zip(chunk).for_each(|(permit, record)| permit.send(Message::Record(record))),
                 Err(mpsc::error::SendError(())) => {
-                    chunk.iter().for_each(|entry| not_stored(entry, &"the auditor has stopped"))
+                    chunk.iter().for_each(|record| not_stored(record, &"the auditor has stopped"))
                 }
             }
         }
@@ -89,13 +98,17 @@ impl Auditor {
 /// Appended batches waiting to be emitted, at most; beyond it the appender waits.
 const EMIT_QUEUE: usize = 2;
 
+/// A batch the appender handed to the emitter: the records, where each was linked (`None`
+/// for one that could not be stored, already reported), and the flushes it answers.
+type Appended = (Arc<[Prepared]>, Vec<Option<Link>>, Vec<oneshot::Sender<()>>);
+
 async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
     // Emitting a batch overlaps appending the next: the chain's order is the log's order,
     // since one task emits the batches in the order they were appended.
-    let (emit_queue, mut appended) = mpsc::channel::<(Vec<AuditEntry>, Vec<oneshot::Sender<()>>)>(EMIT_QUEUE);
+    let (emit_queue, mut appended) = mpsc::channel::<Appended>(EMIT_QUEUE);
     let emitter = tokio::spawn(async move {
-        while let Some((stored, flushes)) = appended.recv().await {
-            stored.iter().for_each(emit);
+        while let Some((records, links, flushes)) = appended.recv().await {
+            emit(&records, &links);
             for done in flushes {
                 let _ = done.send(());
             }
@@ -115,18 +128,19 @@ async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
                 }
             }
         }
-        let mut entries = Vec::with_capacity(messages.len());
+        let mut records = Vec::with_capacity(messages.len());
         let mut flushes = Vec::new();
         for message in messages.drain(..) {
             match message {
-                Message::Record(entry) => entries.push(entry),
+                Message::Record(record) => records.push(record),
                 Message::Flush(done) => flushes.push(done),
             }
         }
         // Records queued after a flush request in the same batch are appended before it is
         // answered too, which only makes the answer later, never wrong.
-        let stored = append(&store, entries).await;
-        if emit_queue.send((stored, flushes)).await.is_err() {
+        let records: Arc<[Prepared]> = records.into();
+        let links = append(&store, Arc::clone(&records)).await;
+        if emit_queue.send((records, links, flushes)).await.is_err() {
             break;
         }
     }
@@ -134,41 +148,57 @@ async fn run<S: Store>(store: S, mut queue: mpsc::Receiver<Message>) {
     let _ = emitter.await;
 }
 
-/// Appends `entries` in one write and returns them as stored; if that write fails, appends
-/// them one at a time so that one bad record does not cost the others, and logs any record
-/// that could not be stored.
-async fn append<S: Store>(store: &S, entries: Vec<NewAudit>) -> Vec<AuditEntry> {
-    if entries.is_empty() {
+/// Appends `records` in one write and returns where each was linked; if that write fails,
+/// appends them one at a time so that one bad record does not cost the others, and logs any
+/// record that could not be stored (its link is `None`).
+async fn append<S: Store>(store: &S, records: Arc<[Prepared]>) -> Vec<Option<Link>> {
+    if records.is_empty() {
         return Vec::new();
     }
-    match store.append_audits(&entries).await {
-        Ok(stored) => stored,
-        Err(error) if entries.len() == 1 => {
-            entries.iter().for_each(|entry| not_stored(entry, &error));
-            Vec::new()
+    match store.append_audits(Arc::clone(&records)).await {
+        Ok(links) if links.len() == records.len() => links.into_iter().map(Some).collect(),
+        Ok(links) => {
+            let error = format!("the store linked {} audit records for {}", links.len(), records.len());
+            records.iter().for_each(|record| not_stored(record, &error));
+            vec![None; records.len()]
+        }
+        Err(error) if records.len() == 1 => {
+            records.iter().for_each(|record| not_stored(record, &error));
+            vec![None]
         }
         Err(error) => {
-            tracing::warn!(%error, records = entries.len(), "appending audit records together failed; retrying each");
-            let mut all = Vec::with_capacity(entries.len());
-            for entry in &entries {
-                match store.append_audits(std::slice::from_ref(entry)).await {
-                    Ok(stored) => all.extend(stored),
-                    Err(error) => not_stored(entry, &error),
+            tracing::warn!(%error, records = records.len(), "appending audit records together failed; retrying each");
+            let mut links = Vec::with_capacity(records.len());
+            for record in records.iter() {
+                match store.append_audits(Arc::from([record.clone()])).await.as_deref() {
+                    Ok([link]) => links.push(Some(*link)),
+                    Ok(other) => {
+                        not_stored(record, &format!("the store linked {} audit records for one", other.len()));
+                        links.push(None);
+                    }
+                    Err(error) => {
+                        not_stored(record, error);
+                        links.push(None);
+                    }
                 }
             }
-            all
+            links
         }
     }
 }
 
-fn emit(stored: &AuditEntry) {
-    let json = serde_json::to_string(&stored.content).unwrap_or_default();
-    tracing::info!(target: "audit", seq = stored.seq, hash = %stored.hash, record = %json);
+/// Emits each stored record on the `audit` target: its position, its hash, and as `record`
+/// the canonical JSON the hash covers, so that a SIEM can check every line's link itself.
+fn emit(records: &[Prepared], links: &[Option<Link>]) {
+    for (record, link) in records.iter().zip(links) {
+        if let Some(link) = link {
+            tracing::info!(target: "audit", seq = link.seq, hash = %chain::hex(&link.hash), record = %record.canonical());
+        }
+    }
 }
 
-fn not_stored(entry: &NewAudit, error: &dyn std::fmt::Display) {
-    let json = serde_json::to_string(entry).unwrap_or_default();
-    tracing::error!(target: "audit", %error, record = %json, "audit record not stored");
+fn not_stored(record: &Prepared, error: &dyn std::fmt::Display) {
+    tracing::error!(target: "audit", %error, record = %record.canonical(), "audit record not stored");
 }
 
 #[cfg(test)]
@@ -235,6 +265,57 @@ mod tests {
         let newest = store.audit(&crate::store::AuditFilter { limit: 20, ..Default::default() }).await.expect("read");
         let order: Vec<u64> = newest.iter().map(|record| record.content.duration_ms).collect();
         assert_eq!(order, (count - 19..=count).rev().collect::<Vec<_>>());
+    }
+
+    /// A log destination the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn each_audit_log_line_carries_the_text_its_hash_covers() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish();
+        // The runtime of this test has one thread, so the appender and its emitter log here.
+        let _subscriber = tracing::subscriber::set_default(subscriber);
+        let (store, _dir) = fresh().await;
+        let auditor = Auditor::start(store.clone());
+        auditor.record_all((1..=5).map(entry).collect()).await;
+        auditor.flush().await;
+
+        let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("UTF-8");
+        let mut prev = chain::GENESIS;
+        let mut seqs = Vec::new();
+        for line in log.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            if line["target"] != "audit" {
+                continue;
+            }
+            let fields = &line["fields"];
+            let record = fields["record"].as_str().expect("the record as a string");
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&prev);
+            hasher.update(record.as_bytes());
+            prev = *hasher.finalize().as_bytes();
+            assert_eq!(fields["hash"], chain::to_hex(&prev), "the hash of the previous line's hash and this record");
+            let content: NewAudit = serde_json::from_str(record).expect("the record's content");
+            assert_eq!(content, entry(content.duration_ms));
+            seqs.push(fields["seq"].as_u64().expect("seq"));
+        }
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        let newest = store.audit(&crate::store::AuditFilter { limit: 1, ..Default::default() }).await.expect("read");
+        assert_eq!(newest[0].hash, chain::to_hex(&prev), "the log's chain is the store's");
     }
 
     #[tokio::test]

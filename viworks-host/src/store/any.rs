@@ -2,6 +2,7 @@
 //! its API and its agent endpoint are built once for either.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use viworks_core::Timestamp;
@@ -13,9 +14,10 @@ use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
-    DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Store,
-    StoreError, StoreStats, StoredCommand, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
+    DeadLetterRow, InstanceRecord, JobInsert, JobRecord, PoolStatus, PresenceClaim, QueueBounds, Store, StoreError,
+    StoreStats, StoredCommand, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
+use crate::audit::chain::{Link, Prepared};
 
 /// One of the stores. Cheap to clone: clones share the writer or the pool.
 #[derive(Clone)]
@@ -88,7 +90,7 @@ impl Store for AnyStore {
         fn save_telemetry(&self, rows: &[TelemetryRow]) -> usize;
         fn telemetry(&self, query: &TelemetryQuery) -> Vec<TelemetryRow>;
         fn latest_telemetry(&self, agent: &AgentId) -> Vec<TelemetryRow>;
-        fn append_audits(&self, entries: &[NewAudit]) -> Vec<AuditEntry>;
+        fn append_audits(&self, records: Arc<[Prepared]>) -> Vec<Link>;
         fn audit(&self, filter: &AuditFilter) -> Vec<AuditEntry>;
         fn verify_audit(&self) -> ChainVerdict;
         fn dead_letters(&self, limit: usize) -> Vec<DeadLetterRow>;

@@ -13,7 +13,8 @@ use viworks_core::Timestamp;
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, Terminal};
 use viworks_core::wire::{AgentId, IdError, ResultStatus};
 
-use super::{NewAudit, QueueBounds, StoreError};
+use super::{QueueBounds, StoreError};
+use crate::audit::chain::Prepared;
 
 pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt { table, detail: detail.into() }
@@ -93,28 +94,9 @@ pub(super) fn status_name(status: ResultStatus) -> String {
     }
 }
 
-/// `entry` as it will read back from its row, so that the hash computed before the insert is
-/// the hash of what verification later reads.
-fn as_stored(mut entry: NewAudit) -> NewAudit {
-    entry.ts = Timestamp::from_millis(stored_u64(entry.ts.as_millis()));
-    entry.duration_ms = stored_u64(entry.duration_ms);
-    entry
-}
-
-/// Each record [`as_stored`], with its targets and detail as JSON text: `(targets, detail,
-/// content)`, ready to be linked and inserted.
-pub(super) fn audit_rows(entries: &[NewAudit]) -> Result<Vec<(String, String, NewAudit)>, StoreError> {
-    entries
-        .iter()
-        .map(|entry| {
-            let content = as_stored(entry.clone());
-            Ok((json_text(&content.targets)?, json_text(&content.detail)?, content))
-        })
-        .collect()
-}
-
-pub(super) fn stored_u64(value: u64) -> u64 {
-    if value >= i64::MAX.unsigned_abs() { u64::MAX } else { value }
+/// Each record's targets and detail as the JSON text of their columns, in order.
+pub(super) fn audit_columns(records: &[Prepared]) -> Result<Vec<(String, String)>, StoreError> {
+    records.iter().map(|r| Ok((json_text(&r.content().targets)?, json_text(&r.content().detail)?))).collect()
 }
 
 /// A command's state as columns: name, not_before, session, deadline, dead-letter reason and

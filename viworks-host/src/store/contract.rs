@@ -12,6 +12,7 @@
 //! ```
 //! A new case is added to the list inside the macro, so every store runs it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -28,7 +29,7 @@ use super::{
     JobInsert, JobRecord, NewAudit, PresenceClaim, QueueBounds, Role, Store, StoreError, StoredCommand, TelemetryQuery,
     TelemetryRow, TokenRecord,
 };
-use crate::audit::chain;
+use crate::audit::chain::{self, Prepared};
 
 /// Expands to one `#[tokio::test]` per contract case, each on a store from `$fresh().await`,
 /// which returns `Some((store, guard))`, or `None` to skip on a machine without that store.
@@ -741,17 +742,18 @@ pub(crate) async fn the_audit_chain_links_every_append_and_verifies<S: Store>(st
         appended.push(entry);
     }
     // A batch continues the chain in its order, in one write; more rows than one insert holds.
-    assert!(store.append_audits(&[]).await.expect("an empty batch").is_empty());
+    assert!(store.append_audits(Arc::from([])).await.expect("an empty batch").is_empty());
     let batch: Vec<NewAudit> = (4..=303).map(|n| audit_entry(n, "host", "command.finished")).collect();
-    let stored = store.append_audits(&batch).await.expect("append a batch");
-    assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), (4..=303).collect::<Vec<_>>());
-    for (entry, content) in stored.iter().zip(&batch) {
-        assert_eq!(&entry.content, content);
-        assert_eq!(entry.prev_hash, chain::to_hex(&prev));
+    let records: Arc<[Prepared]> = batch.iter().cloned().map(Prepared::new).collect();
+    let links = store.append_audits(Arc::clone(&records)).await.expect("append a batch");
+    assert_eq!(links.iter().map(|l| l.seq).collect::<Vec<_>>(), (4..=303).collect::<Vec<_>>());
+    for ((link, record), content) in links.iter().zip(records.iter()).zip(&batch) {
+        assert_eq!(record.content(), content);
+        assert_eq!(link.prev, prev);
         prev = chain::link_hash(&prev, content);
-        assert_eq!(entry.hash, chain::to_hex(&prev));
+        assert_eq!(link.hash, prev);
+        appended.push(record.clone().into_entry(*link));
     }
-    appended.extend(stored);
     appended.reverse();
     let read = store.audit(&AuditFilter { limit: 1000, ..Default::default() }).await.expect("read");
     assert_eq!(read, appended, "stored as appended");

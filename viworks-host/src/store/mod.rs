@@ -17,10 +17,13 @@ pub(crate) mod contract;
 pub(crate) mod pg_cluster;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::audit::chain::{Link, Prepared};
 use viworks_core::Timestamp;
 use viworks_core::idempotency::{IdempotencyKey, JobId, Recorded, RequestDigest};
 use viworks_core::session::CommandRecord;
@@ -568,15 +571,20 @@ pub trait Store: Send + Sync + 'static {
     /// The newest sample of each metric of an agent.
     fn latest_telemetry(&self, agent: &AgentId) -> impl Future<Output = Result<Vec<TelemetryRow>, StoreError>> + Send;
 
-    /// Appends `entries` to the audit chain in this order, in one transaction: all of them
-    /// or none. Returns them as stored (with their sequence numbers and hashes).
-    fn append_audits(&self, entries: &[NewAudit]) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+    /// Links `records` to the end of the audit chain in this order and stores them, in one
+    /// transaction: all of them or none. Returns where each was linked, in the same order.
+    /// The records are shared so that a caller can retry or log them without copying.
+    fn append_audits(&self, records: Arc<[Prepared]>) -> impl Future<Output = Result<Vec<Link>, StoreError>> + Send;
 
-    /// Appends one record to the audit chain.
+    /// Appends one record to the audit chain and returns it as stored.
     fn append_audit(&self, entry: &NewAudit) -> impl Future<Output = Result<AuditEntry, StoreError>> + Send {
         async move {
-            let mut stored = self.append_audits(std::slice::from_ref(entry)).await?;
-            stored.pop().ok_or_else(|| StoreError::Database("the store appended no audit record".into()))
+            let record = Prepared::new(entry.clone());
+            let links = self.append_audits(Arc::from([record.clone()])).await?;
+            match links.as_slice() {
+                [link] => Ok(record.into_entry(*link)),
+                _ => Err(StoreError::Database(format!("the store linked {} audit records for one", links.len()))),
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
@@ -26,7 +27,7 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    PER_TARGET_COUNTS, StateColumns, audit_rows, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
+    PER_TARGET_COUNTS, StateColumns, audit_columns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
     millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
@@ -34,7 +35,7 @@ use super::{
     DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Role, Store,
     StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
-use crate::audit::chain;
+use crate::audit::chain::{self, Link, Prepared};
 
 /// The schema, one entry per version: entry `i` takes the database from version `i` to `i + 1`.
 /// Append only; never edit an entry that has shipped.
@@ -228,7 +229,7 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     /// For the listening connection, which lives outside the pool.
-    config: std::sync::Arc<tokio_postgres::Config>,
+    config: Arc<tokio_postgres::Config>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -270,7 +271,7 @@ impl PostgresStore {
             };
             config.options(combined);
         }
-        let listen_config = std::sync::Arc::new(config.clone());
+        let listen_config = Arc::new(config.clone());
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
@@ -1238,11 +1239,11 @@ impl Store for PostgresStore {
         collect(&client, sql, &[&agent.as_str()], decode_telemetry).await
     }
 
-    async fn append_audits(&self, entries: &[NewAudit]) -> Result<Vec<AuditEntry>, StoreError> {
-        if entries.is_empty() {
+    async fn append_audits(&self, records: Arc<[Prepared]>) -> Result<Vec<Link>, StoreError> {
+        if records.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = audit_rows(entries)?;
+        let columns = audit_columns(&records)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         // Held until the commit: appends from every instance follow each other, each reading
@@ -1257,19 +1258,30 @@ impl Store for PostgresStore {
                 chain::Tip::from_stored(seq, hash).map_err(|e| corrupt("audit_log", e))?
             }
         };
-        let mut stored = Vec::with_capacity(rows.len());
-        let mut columns = Vec::with_capacity(rows.len());
-        for (targets, detail, content) in rows {
-            let entry = tip.append(content);
-            let c = &entry.content;
-            columns.push((u64_sql(entry.seq), ts_sql(c.ts), targets, u64_sql(c.duration_ms), detail));
-            stored.push(entry);
-        }
-        for (entries, columns) in stored.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)) {
-            let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(entries.len(), 12));
-            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(entries.len() * 12);
-            for (entry, (seq, ts, targets, duration_ms, detail)) in entries.iter().zip(columns) {
-                let c = &entry.content;
+        let links: Vec<Link> = records.iter().map(|record| tip.link(record)).collect();
+        let numbers: Vec<(i64, i64, i64, String, String)> = records
+            .iter()
+            .zip(&links)
+            .map(|(record, link)| {
+                let c = record.content();
+                (
+                    u64_sql(link.seq),
+                    ts_sql(c.ts),
+                    u64_sql(c.duration_ms),
+                    chain::to_hex(&link.prev),
+                    chain::to_hex(&link.hash),
+                )
+            })
+            .collect();
+        for ((records, columns), numbers) in
+            records.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)).zip(numbers.chunks(AUDIT_CHUNK))
+        {
+            let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(records.len(), 12));
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(records.len() * 12);
+            for ((record, (targets, detail)), (seq, ts, duration_ms, prev_hash, hash)) in
+                records.iter().zip(columns).zip(numbers)
+            {
+                let c = record.content();
                 params.extend([
                     seq as &(dyn ToSql + Sync),
                     ts,
@@ -1281,14 +1293,14 @@ impl Store for PostgresStore {
                     &c.rc,
                     duration_ms,
                     detail,
-                    &entry.prev_hash,
-                    &entry.hash,
+                    prev_hash,
+                    hash,
                 ]);
             }
             tx.execute(sql.as_str(), &params).await.db()?;
         }
         tx.commit().await.db()?;
-        Ok(stored)
+        Ok(links)
     }
 
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {

@@ -32,7 +32,7 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    StateColumns, audit_rows, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
+    StateColumns, audit_columns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
     session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
@@ -40,7 +40,7 @@ use super::{
     DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Role, Store,
     StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
 };
-use crate::audit::chain;
+use crate::audit::chain::{self, Link, Prepared};
 
 /// The schema, one entry per version: entry `i` takes the database from version `i` to `i + 1`.
 /// Append only; never edit an entry that has shipped.
@@ -1851,11 +1851,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_audits(&self, entries: &[NewAudit]) -> Result<Vec<AuditEntry>, StoreError> {
-        if entries.is_empty() {
+    async fn append_audits(&self, records: Arc<[Prepared]>) -> Result<Vec<Link>, StoreError> {
+        if records.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = audit_rows(entries)?;
+        let columns = audit_columns(&records)?;
         self.write(move |conn| {
             // Inside the writer, so the chain follows commit order and no two appends share
             // a predecessor.
@@ -1874,13 +1874,13 @@ impl Store for SqliteStore {
                     "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 ))
                 .db()?;
-            let mut stored = Vec::with_capacity(rows.len());
-            for (targets, detail, content) in rows {
-                let entry = tip.append(content);
-                let c = &entry.content;
+            let mut links = Vec::with_capacity(records.len());
+            for (record, (targets, detail)) in records.iter().zip(&columns) {
+                let link = tip.link(record);
+                let c = record.content();
                 insert
                     .execute(params![
-                        u64_sql(entry.seq),
+                        u64_sql(link.seq),
                         ts_sql(c.ts),
                         c.req_id,
                         c.actor,
@@ -1890,13 +1890,13 @@ impl Store for SqliteStore {
                         c.rc,
                         u64_sql(c.duration_ms),
                         detail,
-                        entry.prev_hash,
-                        entry.hash,
+                        &*chain::hex(&link.prev),
+                        &*chain::hex(&link.hash),
                     ])
                     .db()?;
-                stored.push(entry);
+                links.push(link);
             }
-            Ok(stored)
+            Ok(links)
         })
         .await
     }

@@ -5,6 +5,7 @@
 //! a store appends it, and checked by [`verify`] when the chain is walked.
 
 use std::fmt::Write as _;
+use std::ops::Range;
 
 use serde_json::Value;
 use viworks_core::Timestamp;
@@ -25,14 +26,15 @@ pub const GENESIS: [u8; 32] = [0; 32];
 pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(prev);
-    hasher.update(canonical_content(content).as_bytes());
+    hasher.update(canonical_content(content).0.as_bytes());
     *hasher.finalize().as_bytes()
 }
 
 /// `canonical_json(&serde_json::to_value(content))`, written member by member in the sorted
 /// order of `NewAudit`'s serialised names, without building a JSON value of the record (a
-/// test holds the two equal for any content).
-fn canonical_content(content: &NewAudit) -> String {
+/// test holds the two equal for any content). Also returns where in it the canonical JSON of
+/// `detail` and of `targets` lie.
+fn canonical_content(content: &NewAudit) -> (String, Range<usize>, Range<usize>) {
     let NewAudit { ts, req_id, actor, action, args_hash, targets, rc, duration_ms, detail } = content;
     let mut out = String::with_capacity(192 + targets.iter().map(String::len).sum::<usize>());
     out.push_str("{\"action\":");
@@ -42,21 +44,27 @@ fn canonical_content(content: &NewAudit) -> String {
     out.push_str(",\"args_hash\":");
     push_json_string(args_hash, &mut out);
     out.push_str(",\"detail\":");
+    let detail_start = out.len();
     push_canonical_json(detail, &mut out);
+    let detail_at = detail_start..out.len();
     // Writing to a String cannot fail.
     let _ = write!(out, ",\"duration_ms\":{duration_ms},\"rc\":");
     push_json_string(rc, &mut out);
     out.push_str(",\"req_id\":");
     push_json_string(req_id, &mut out);
-    out.push_str(",\"targets\":[");
+    out.push_str(",\"targets\":");
+    let targets_start = out.len();
+    out.push('[');
     for (i, target) in targets.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         push_json_string(target, &mut out);
     }
-    let _ = write!(out, "],\"ts\":{}}}", ts.as_millis());
-    out
+    out.push(']');
+    let targets_at = targets_start..out.len();
+    let _ = write!(out, ",\"ts\":{}}}", ts.as_millis());
+    (out, detail_at, targets_at)
 }
 
 /// A 32-byte hash as 64 lowercase hexadecimal digits, as stored in `prev_hash` and `hash`.
@@ -80,6 +88,10 @@ pub fn hex(hash: &[u8; 32]) -> impl std::ops::Deref<Target = str> + std::fmt::Di
 pub struct Prepared {
     content: NewAudit,
     canonical: String,
+    /// Where in `canonical` the canonical JSON of `detail` is.
+    detail: Range<usize>,
+    /// Where in `canonical` the canonical JSON of `targets` is.
+    targets: Range<usize>,
 }
 
 impl Prepared {
@@ -89,8 +101,8 @@ impl Prepared {
     pub fn new(mut content: NewAudit) -> Prepared {
         content.ts = Timestamp::from_millis(as_stored(content.ts.as_millis()));
         content.duration_ms = as_stored(content.duration_ms);
-        let canonical = canonical_content(&content);
-        Prepared { content, canonical }
+        let (canonical, detail, targets) = canonical_content(&content);
+        Prepared { content, canonical, detail, targets }
     }
 
     /// The content, as it will read back from the store.
@@ -101,6 +113,16 @@ impl Prepared {
     /// The canonical JSON of the content: keys sorted, no whitespace.
     pub fn canonical(&self) -> &str {
         &self.canonical
+    }
+
+    /// The canonical JSON of the content's `targets`, as the stores keep that column.
+    pub fn targets_json(&self) -> &str {
+        self.canonical.get(self.targets.clone()).unwrap_or("[]")
+    }
+
+    /// The canonical JSON of the content's `detail`, as the stores keep that column.
+    pub fn detail_json(&self) -> &str {
+        self.canonical.get(self.detail.clone()).unwrap_or("null")
     }
 
     /// The stored record this becomes at `link`.
@@ -367,7 +389,10 @@ mod tests {
         #[test]
         fn the_canonical_content_is_the_canonical_json_of_the_record(content in any_content()) {
             let value = serde_json::to_value(&content).expect("a record is JSON");
-            prop_assert_eq!(canonical_content(&content), canonical_json(&value));
+            let record = Prepared::new(content.clone());
+            prop_assert_eq!(canonical_content(&content).0, canonical_json(&value));
+            prop_assert_eq!(record.detail_json(), canonical_json(&value["detail"]));
+            prop_assert_eq!(record.targets_json(), canonical_json(&value["targets"]));
         }
 
         #[test]

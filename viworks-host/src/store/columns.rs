@@ -14,7 +14,6 @@ use viworks_core::session::{CommandRecord, CommandState, DeadLetter, Terminal};
 use viworks_core::wire::{AgentId, IdError, ResultStatus};
 
 use super::{QueueBounds, StoreError};
-use crate::audit::chain::Prepared;
 
 pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt { table, detail: detail.into() }
@@ -92,11 +91,6 @@ pub(super) fn status_name(status: ResultStatus) -> String {
         Ok(serde_json::Value::String(name)) => name,
         _ => format!("{status:?}"),
     }
-}
-
-/// Each record's targets and detail as the JSON text of their columns, in order.
-pub(super) fn audit_columns(records: &[Prepared]) -> Result<Vec<(String, String)>, StoreError> {
-    records.iter().map(|r| Ok((json_text(&r.content().targets)?, json_text(&r.content().detail)?))).collect()
 }
 
 /// A command's state as columns: name, not_before, session, deadline, dead-letter reason and

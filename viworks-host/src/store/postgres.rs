@@ -27,8 +27,8 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    PER_TARGET_COUNTS, StateColumns, audit_columns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql,
-    millis_of, now, session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    PER_TARGET_COUNTS, StateColumns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
+    session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
@@ -1243,7 +1243,6 @@ impl Store for PostgresStore {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let columns = audit_columns(&records)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         // Held until the commit: appends from every instance follow each other, each reading
@@ -1259,7 +1258,7 @@ impl Store for PostgresStore {
             }
         };
         let links: Vec<Link> = records.iter().map(|record| tip.link(record)).collect();
-        let numbers: Vec<(i64, i64, i64, String, String)> = records
+        let columns: Vec<(i64, i64, i64, String, String, &str, &str)> = records
             .iter()
             .zip(&links)
             .map(|(record, link)| {
@@ -1270,17 +1269,15 @@ impl Store for PostgresStore {
                     u64_sql(c.duration_ms),
                     chain::to_hex(&link.prev),
                     chain::to_hex(&link.hash),
+                    record.targets_json(),
+                    record.detail_json(),
                 )
             })
             .collect();
-        for ((records, columns), numbers) in
-            records.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)).zip(numbers.chunks(AUDIT_CHUNK))
-        {
+        for (records, columns) in records.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)) {
             let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(records.len(), 12));
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(records.len() * 12);
-            for ((record, (targets, detail)), (seq, ts, duration_ms, prev_hash, hash)) in
-                records.iter().zip(columns).zip(numbers)
-            {
+            for (record, (seq, ts, duration_ms, prev_hash, hash, targets, detail)) in records.iter().zip(columns) {
                 let c = record.content();
                 params.extend([
                     seq as &(dyn ToSql + Sync),

@@ -32,8 +32,8 @@ use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Re
 mod cluster;
 
 use super::columns::{
-    StateColumns, audit_columns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
-    session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    StateColumns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from,
+    status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
@@ -1855,7 +1855,6 @@ impl Store for SqliteStore {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let columns = audit_columns(&records)?;
         self.write(move |conn| {
             // Inside the writer, so the chain follows commit order and no two appends share
             // a predecessor.
@@ -1875,7 +1874,7 @@ impl Store for SqliteStore {
                 ))
                 .db()?;
             let mut links = Vec::with_capacity(records.len());
-            for (record, (targets, detail)) in records.iter().zip(&columns) {
+            for record in records.iter() {
                 let link = tip.link(record);
                 let c = record.content();
                 insert
@@ -1886,10 +1885,10 @@ impl Store for SqliteStore {
                         c.actor,
                         c.action,
                         c.args_hash,
-                        targets,
+                        record.targets_json(),
                         c.rc,
                         u64_sql(c.duration_ms),
-                        detail,
+                        record.detail_json(),
                         &*chain::hex(&link.prev),
                         &*chain::hex(&link.hash),
                     ])

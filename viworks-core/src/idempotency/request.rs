@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::IdempotencyError;
 use crate::Timestamp;
-use crate::wire::IdError;
+use crate::wire::{CommandResult, IdError, ResultError, ResultStatus};
 
 /// How long a request's idempotency key is remembered by default: 24 hours, long enough for
 /// any client's retry schedule.
@@ -124,6 +124,57 @@ pub(super) fn digest_json(value: &Value) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     write_canonical(value, &mut hasher);
     *hasher.finalize().as_bytes()
+}
+
+/// BLAKE3 of the canonical JSON of `result` as serde encodes it (absent options left out),
+/// computed member by member in sorted key order without building a JSON value of it.
+pub(super) fn digest_result(result: &CommandResult) -> [u8; 32] {
+    let CommandResult { command_id, status, exit_code, output, error, duration_ms } = result;
+    let mut hasher = blake3::Hasher::new();
+    hasher.put("{\"command_id\":");
+    write_string(command_id.as_str(), &mut hasher);
+    put_number(&mut hasher, ",\"duration_ms\":", *duration_ms);
+    if let Some(ResultError { code, message }) = error {
+        hasher.put(",\"error\":{\"code\":");
+        write_string(code.as_str(), &mut hasher);
+        hasher.put(",\"message\":");
+        write_string(message.as_str(), &mut hasher);
+        hasher.put("}");
+    }
+    if let Some(code) = exit_code {
+        put_number(&mut hasher, ",\"exit_code\":", *code);
+    }
+    hasher.put(",\"output\":");
+    write_canonical(output, &mut hasher);
+    hasher.put(",\"status\":");
+    write_string(status_name(*status), &mut hasher);
+    hasher.put("}");
+    *hasher.finalize().as_bytes()
+}
+
+/// `key` then `number` in decimal, without allocating.
+fn put_number(sink: &mut impl Sink, key: &str, number: impl fmt::Display) {
+    struct Put<'a, S>(&'a mut S);
+    impl<S: Sink> fmt::Write for Put<'_, S> {
+        fn write_str(&mut self, text: &str) -> fmt::Result {
+            self.0.put(text);
+            Ok(())
+        }
+    }
+    sink.put(key);
+    // Writing into a sink cannot fail.
+    let _ = fmt::Write::write_fmt(&mut Put(sink), format_args!("{number}"));
+}
+
+/// A result status as serde names it.
+fn status_name(status: ResultStatus) -> &'static str {
+    match status {
+        ResultStatus::Succeeded => "succeeded",
+        ResultStatus::Failed => "failed",
+        ResultStatus::TimedOut => "timed_out",
+        ResultStatus::Interrupted => "interrupted",
+        ResultStatus::Rejected => "rejected",
+    }
 }
 
 /// Where canonical JSON goes: a string, or straight into a hash.

@@ -5,10 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde_json::Value;
-
 use super::IdempotencyError;
-use super::request::digest_json;
+use super::request::digest_result;
 use crate::wire::{CommandId, CommandResult, IdError};
 
 /// The BLAKE3 digest of a result's canonical JSON ([`super::canonical_json`] of the result as
@@ -18,13 +16,10 @@ use crate::wire::{CommandId, CommandResult, IdError};
 pub struct ResultDigest(pub [u8; 32]);
 
 impl ResultDigest {
-    /// The digest of `result`. Costs one copy of the result into a JSON value and one pass
-    /// over it.
+    /// The digest of `result`. Costs one pass over it, hashing its canonical JSON as it is
+    /// written; nothing is allocated but what a deeply nested `output` needs.
     pub fn of(result: &CommandResult) -> Self {
-        // A CommandResult has string keys only and no float outside its JSON `output`, so it
-        // always converts; the fallback is never taken.
-        let value = serde_json::to_value(result).unwrap_or(Value::Null);
-        ResultDigest(digest_json(&value))
+        ResultDigest(digest_result(result))
     }
 
     /// The digest as lowercase hexadecimal, as a durable store keeps it.
@@ -188,7 +183,7 @@ mod tests {
     use super::*;
     use crate::wire::ResultStatus;
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn id(n: u8) -> CommandId {
         CommandId::new(format!("cmd-{n}")).expect("valid id")
@@ -264,7 +259,54 @@ mod tests {
         assert!(matches!(ResultLedger::new(0), Err(IdempotencyError::InvalidConfig(_))));
     }
 
+    fn any_output() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f).map(Value::Number)),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    prop_compose! {
+        fn any_result()(
+            n in any::<u8>(),
+            status in prop_oneof![
+                Just(ResultStatus::Succeeded),
+                Just(ResultStatus::Failed),
+                Just(ResultStatus::TimedOut),
+                Just(ResultStatus::Interrupted),
+                Just(ResultStatus::Rejected),
+            ],
+            exit_code in proptest::option::of(any::<i32>()),
+            output in any_output(),
+            error in proptest::option::of(("[a-z_]{0,12}", ".{0,24}")),
+            duration_ms in any::<u64>(),
+        ) -> CommandResult {
+            let error = error.map(|(code, message)| crate::wire::ResultError {
+                code: crate::wire::Text::lossy(&code),
+                message: crate::wire::Text::lossy(&message),
+            });
+            CommandResult { command_id: id(n), status, exit_code, output, error, duration_ms }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_digest_is_blake3_of_the_canonical_json_of_the_result(result in any_result()) {
+            let value = serde_json::to_value(&result).expect("a result is JSON");
+            let canonical = crate::idempotency::canonical_json(&value);
+            prop_assert_eq!(ResultDigest::of(&result).0, *blake3::hash(canonical.as_bytes()).as_bytes());
+        }
+
         #[test]
         fn a_result_delivered_twice_is_recorded_once(
             deliveries in proptest::collection::vec((0u8..6, 0u8..2), 0..100),

@@ -296,9 +296,10 @@ async fn measure_host(
     std::fs::write(&config_path, host_config(&options.host_log_level, kind))
         .map_err(LoadgenError::io("write", &config_path))?;
 
+    let [api, agents] = system::free_ports::<2>()?;
     let addrs = HostAddrs {
-        api: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
-        agents: (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into(),
+        api: (std::net::Ipv4Addr::LOCALHOST, api).into(),
+        agents: (std::net::Ipv4Addr::LOCALHOST, agents).into(),
     };
     tracing::info!(store = %kind, api = %addrs.api, agents = %addrs.agents, "starting the host");
     let log = data_dir.join(format!("host{suffix}.log"));
@@ -431,7 +432,8 @@ async fn baseline(
     identities: &Arc<Vec<fleet::Identity>>,
     deadline: Deadline,
 ) -> Result<echo::EchoFigures, LoadgenError> {
-    let addr = (std::net::Ipv4Addr::LOCALHOST, system::free_port()?).into();
+    let [port] = system::free_ports::<1>()?;
+    let addr = (std::net::Ipv4Addr::LOCALHOST, port).into();
     let server = deadline.run("starting the echo server", process::serve_echo(echo_bin, data_dir, addr)).await?;
     let plan = EchoPlan {
         addr,

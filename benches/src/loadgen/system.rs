@@ -245,17 +245,33 @@ pub fn source_addr(index: usize, per_source: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, b, c, d))
 }
 
-/// A free TCP port on 127.0.0.1, for a child process to listen on. Another process may take
-/// it before the child does; the child then fails to bind and says so.
-pub fn free_port() -> Result<u16, LoadgenError> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(LoadgenError::io("bind", "127.0.0.1:0"))?;
-    let addr = listener.local_addr().map_err(LoadgenError::io("read the address of", "127.0.0.1:0"))?;
-    Ok(addr.port())
+/// `N` distinct free TCP ports on 127.0.0.1, for a child process to listen on. Each is held
+/// until all are found, so the kernel cannot hand out one of them twice. Another process may
+/// take one before the child binds it; the child then fails to bind and says so.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], LoadgenError> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener =
+            std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(LoadgenError::io("bind", "127.0.0.1:0"))?;
+        *port = listener.local_addr().map_err(LoadgenError::io("read the address of", "127.0.0.1:0"))?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_found_together_are_distinct() {
+        for _ in 0..50 {
+            let ports = free_ports::<8>().expect("free ports");
+            let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+            assert_eq!(distinct.len(), 8, "{ports:?}");
+        }
+    }
 
     #[test]
     fn sources_start_at_127_0_0_2_and_change_every_per_source_connections() {

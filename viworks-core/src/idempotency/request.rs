@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::IdempotencyError;
 use crate::Timestamp;
-use crate::wire::{CommandResult, IdError, ResultError, ResultStatus};
+use crate::wire::{CommandResult, IdError, ResultError};
 
 /// How long a request's idempotency key is remembered by default: 24 hours, long enough for
 /// any client's retry schedule.
@@ -147,7 +147,7 @@ pub(super) fn digest_result(result: &CommandResult) -> [u8; 32] {
     hasher.put(",\"output\":");
     write_canonical(output, &mut hasher);
     hasher.put(",\"status\":");
-    write_string(status_name(*status), &mut hasher);
+    write_string(status.as_str(), &mut hasher);
     hasher.put("}");
     *hasher.finalize().as_bytes()
 }
@@ -164,17 +164,6 @@ fn put_number(sink: &mut impl Sink, key: &str, number: impl fmt::Display) {
     sink.put(key);
     // Writing into a sink cannot fail.
     let _ = fmt::Write::write_fmt(&mut Put(sink), format_args!("{number}"));
-}
-
-/// A result status as serde names it.
-fn status_name(status: ResultStatus) -> &'static str {
-    match status {
-        ResultStatus::Succeeded => "succeeded",
-        ResultStatus::Failed => "failed",
-        ResultStatus::TimedOut => "timed_out",
-        ResultStatus::Interrupted => "interrupted",
-        ResultStatus::Rejected => "rejected",
-    }
 }
 
 /// Where canonical JSON goes: a string, or straight into a hash.

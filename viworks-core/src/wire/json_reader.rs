@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::Envelope;
 use super::ids::{CommandId, Text, Verb};
-use super::json_writer::{next_escape, result_status};
+use super::json_writer::next_escape;
 use super::message::{
     Ack, Command, CommandResult, Heartbeat, Kind, Message, ResultAck, ResultError, ResultStatus, TelemetryAck,
 };
@@ -189,10 +189,10 @@ impl<'a> Cursor<'a> {
         ]
         .into_iter()
         .find(|status| {
-            let name = result_status(*status).as_bytes();
+            let name = status.as_str().as_bytes();
             self.rest().starts_with(name) && self.rest().get(name.len()) == Some(&b'"')
         })?;
-        self.at += result_status(status).len() + 1;
+        self.at += status.as_str().len() + 1;
         let exit_code = match self.literal(b",\"exit_code\":") {
             Some(()) => Some(self.i32()?),
             None => None,

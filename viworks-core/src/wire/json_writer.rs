@@ -12,8 +12,8 @@ use serde_json::Value;
 use super::Envelope;
 use super::ids::Nonce;
 use super::message::{
-    Ack, Close, CloseCode, Command, CommandResult, Heartbeat, Hello, Message, Reject, RejectCode, ResultAck,
-    ResultStatus, Telemetry, TelemetryAck, Welcome,
+    Ack, Close, CloseCode, Command, CommandResult, Heartbeat, Hello, Message, Reject, RejectCode, ResultAck, Telemetry,
+    TelemetryAck, Welcome,
 };
 
 /// Free-form values nested deeper than this are handed to serde_json whole, so that this
@@ -180,7 +180,7 @@ fn result(out: &mut Vec<u8>, r: &CommandResult) -> Result<(), serde_json::Error>
     out.extend_from_slice(b"{\"command_id\":");
     write_str(out, r.command_id.as_str());
     out.extend_from_slice(b",\"status\":");
-    write_str(out, result_status(r.status));
+    write_str(out, r.status.as_str());
     if let Some(exit_code) = r.exit_code {
         out.extend_from_slice(b",\"exit_code\":");
         if exit_code < 0 {
@@ -374,22 +374,12 @@ fn close_code(code: CloseCode) -> &'static str {
     }
 }
 
-pub(super) fn result_status(status: ResultStatus) -> &'static str {
-    match status {
-        ResultStatus::Succeeded => "succeeded",
-        ResultStatus::Failed => "failed",
-        ResultStatus::TimedOut => "timed_out",
-        ResultStatus::Interrupted => "interrupted",
-        ResultStatus::Rejected => "rejected",
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
     use crate::Timestamp;
     use crate::wire::envelope::{encode, encode_with_serde};
-    use crate::wire::{AgentId, Capability, CommandId, MetricKey, ResultError, Sample, Text, Verb};
+    use crate::wire::{AgentId, Capability, CommandId, MetricKey, ResultError, ResultStatus, Sample, Text, Verb};
     use proptest::prelude::*;
 
     fn same_as_serde(envelope: &Envelope) -> Result<(), TestCaseError> {
@@ -570,7 +560,7 @@ pub(super) mod tests {
             assert_eq!(quoted(close_code(code)), serde_json::to_string(&code).expect("serializes"));
         }
         for status in ALL_STATUSES {
-            assert_eq!(quoted(result_status(status)), serde_json::to_string(&status).expect("serializes"));
+            assert_eq!(quoted(status.as_str()), serde_json::to_string(&status).expect("serializes"));
         }
     }
 

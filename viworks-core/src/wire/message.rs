@@ -238,6 +238,19 @@ pub enum ResultStatus {
     Rejected,
 }
 
+impl ResultStatus {
+    /// The name used on the wire and in stores.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Succeeded => "succeeded",
+            ResultStatus::Failed => "failed",
+            ResultStatus::TimedOut => "timed_out",
+            ResultStatus::Interrupted => "interrupted",
+            ResultStatus::Rejected => "rejected",
+        }
+    }
+}
+
 /// Why a command failed, when it did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResultError {

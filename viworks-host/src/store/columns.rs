@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use viworks_core::Timestamp;
 use viworks_core::session::{CommandRecord, CommandState, DeadLetter, Terminal};
-use viworks_core::wire::{AgentId, IdError, ResultStatus};
+use viworks_core::wire::{AgentId, IdError};
 
 use super::{QueueBounds, StoreError};
 
@@ -84,13 +84,6 @@ pub(super) fn id_from<T: FromStr<Err = IdError>>(
 pub(super) fn limit_sql(limit: usize, cap: usize) -> i64 {
     let limit = if limit == 0 { 100 } else { limit.min(cap) };
     i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-pub(super) fn status_name(status: ResultStatus) -> String {
-    match serde_json::to_value(status) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{status:?}"),
-    }
 }
 
 /// A command's state as columns: name, not_before, session, deadline, dead-letter reason and

@@ -28,7 +28,7 @@ mod cluster;
 
 use super::columns::{
     PER_TARGET_COUNTS, StateColumns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now,
-    session_from, status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    session_from, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
@@ -1140,7 +1140,7 @@ impl Store for PostgresStore {
                 &[
                     &result.command_id.as_str(),
                     &agent.as_str(),
-                    &status_name(result.status),
+                    &result.status.as_str(),
                     &result.exit_code.map(i64::from),
                     &output,
                     &error,

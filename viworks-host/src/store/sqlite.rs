@@ -33,7 +33,7 @@ mod cluster;
 
 use super::columns::{
     StateColumns, check_bounds, corrupt, id_from, json_from, json_text, limit_sql, millis_of, now, session_from,
-    status_name, targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
+    targets, ts_from, ts_sql, u32_from, u64_from, u64_sql,
 };
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
@@ -1731,7 +1731,7 @@ impl Store for SqliteStore {
         let digest = ResultDigest::of(result);
         let correlation = result.command_id.as_str().to_owned();
         let agent = agent.as_str().to_owned();
-        let status = status_name(result.status);
+        let status = result.status.as_str();
         let exit_code = result.exit_code;
         let output = json_text(&result.output)?;
         let error = result.error.as_ref().map(json_text).transpose()?;

@@ -24,9 +24,15 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// of how a store orders JSON keys, so any store, or `b3sum` over an export, reproduces it.
 /// Costs one pass writing the canonical text and one of BLAKE3 over it.
 pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
+    hash_after(prev, &canonical_content(content).0)
+}
+
+/// `blake3(prev || canonical)`: the one definition of a link, for records read back
+/// ([`link_hash`]) and records appended ([`Tip::link`]) alike.
+fn hash_after(prev: &[u8; 32], canonical: &str) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(prev);
-    hasher.update(canonical_content(content).0.as_bytes());
+    hasher.update(canonical.as_bytes());
     *hasher.finalize().as_bytes()
 }
 
@@ -170,10 +176,8 @@ impl Tip {
     /// so the hash a store writes is by construction the one [`verify`] expects. Costs one
     /// BLAKE3 pass over the prepared text.
     pub fn link(&mut self, record: &Prepared) -> Link {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&self.hash);
-        hasher.update(record.canonical.as_bytes());
-        let link = Link { seq: self.seq.saturating_add(1), prev: self.hash, hash: *hasher.finalize().as_bytes() };
+        let link =
+            Link { seq: self.seq.saturating_add(1), prev: self.hash, hash: hash_after(&self.hash, &record.canonical) };
         *self = Tip { seq: link.seq, hash: link.hash };
         link
     }

@@ -260,13 +260,20 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Waits until the host is idle after `phase` (at most [`SETTLE_LIMIT`], and not past the
 /// deadline), so that the next phase is not measured against its predecessor's background
-/// writes; the host's CPU meanwhile is counted in no phase.
-async fn settle_down(phase: &str, host: &process::Process, store_pid: Option<u32>, deadline: Deadline) {
+/// writes; the host's CPU meanwhile goes to `meter`'s "settle" lap, counted in no phase.
+async fn settle_down(
+    phase: &str,
+    host: &process::Process,
+    store_pid: Option<u32>,
+    deadline: Deadline,
+    meter: &mut system::CpuMeter,
+) {
     let limit = SETTLE_LIMIT.min(deadline.instant().saturating_duration_since(tokio::time::Instant::now()));
     match system::quiet(host.pid(), store_pid, limit).await {
         Some(waited) => tracing::info!(phase, seconds = waited.as_secs_f64(), "the host settled"),
         None => tracing::warn!(phase, seconds = limit.as_secs_f64(), "the host was still busy; going on"),
     }
+    meter.lap("settle");
 }
 
 /// One host on the store `kind` at `url` (whose server, when it runs here, is `store_pid`):
@@ -344,8 +351,7 @@ async fn measure_host(
     meter.lap("settle");
     let broadcast = phases::broadcast(&api, &probe, deadline).await.map_err(|e| e.to_string());
     cpu.push(meter.lap("broadcast"));
-    settle_down("broadcast", &host, store_pid, deadline).await;
-    meter.lap("settle");
+    settle_down("broadcast", &host, store_pid, deadline, &mut meter).await;
     tracing::info!(rate = options.rate, "round trips");
     let round_trip = phases::round_trip(
         &api,
@@ -359,8 +365,7 @@ async fn measure_host(
     .await
     .map_err(|e| e.to_string());
     cpu.push(meter.lap("round trips"));
-    settle_down("round trips", &host, store_pid, deadline).await;
-    meter.lap("settle");
+    settle_down("round trips", &host, store_pid, deadline, &mut meter).await;
     tracing::info!("sustained throughput");
     let sustained = phases::sustained(
         &api,
@@ -375,8 +380,7 @@ async fn measure_host(
     .await
     .map_err(|e| e.to_string());
     cpu.push(meter.lap("sustained"));
-    settle_down("sustained", &host, store_pid, deadline).await;
-    meter.lap("settle");
+    settle_down("sustained", &host, store_pid, deadline, &mut meter).await;
     tracing::info!("telemetry");
     let telemetry = phases::telemetry(
         &orders,

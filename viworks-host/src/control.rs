@@ -3,6 +3,7 @@
 //! transition. The agent endpoint and the REST API both work through [`Control`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -11,7 +12,9 @@ use thiserror::Error;
 use tokio::sync::{Notify, broadcast};
 use viworks_core::auth::{AgentKey, ChannelBinding, MasterKey};
 use viworks_core::flow::{Delivery, TokenBucket};
-use viworks_core::idempotency::{IdempotencyKey, JobId, Recorded, RequestDigest};
+use viworks_core::idempotency::{
+    IdempotencyKey, JobId, Recorded, RequestDigest, push_canonical_json, push_json_string,
+};
 use viworks_core::session::{
     AgentKeys, CommandRecord, CommandState, DispatchConfig, DispatchError, DispatchEvent, Dispatcher, Host, HostConfig,
     HostSession, NewCommand, Refusal, Terminal,
@@ -19,6 +22,7 @@ use viworks_core::session::{
 use viworks_core::wire::{AgentId, Command, CommandId, CommandResult, Verb};
 use viworks_core::{Entropy, Timestamp};
 
+use crate::audit::chain::{Fields, Prepared};
 use crate::audit::{self, Auditor};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -696,12 +700,24 @@ impl<S: Store + Clone> Control<S> {
         // creation precedes every later one in the chain; and in one wait for the queue, not
         // one per command, so that a broadcast's answer does not queue behind its own sessions.
         let detail = serde_json::json!({ "job_id": job_id, "req_id": request.req_id, "verb": request.verb.as_str() });
-        let created = event(self.now(), &request.actor, "command.created", Vec::new(), "queued", detail);
+        let args_hash = audit::chain::args_hash(&detail);
+        let mut detail_json = String::new();
+        push_canonical_json(&detail, &mut detail_json);
+        let now = self.now();
         let created = commands
             .iter()
-            .map(|(command, agent)| NewAudit {
-                targets: vec![agent.to_string(), command.to_string()],
-                ..created.clone()
+            .map(|(command, agent)| {
+                let fields = Fields {
+                    ts: now,
+                    req_id: "",
+                    actor: &request.actor,
+                    action: "command.created",
+                    args_hash: &args_hash,
+                    targets: &[agent.as_str(), command.as_str()],
+                    rc: "queued",
+                    duration_ms: 0,
+                };
+                Prepared::build(fields, |out| out.push_str(&detail_json))
             })
             .collect();
         self.inner.auditor.record_all(created).await;
@@ -984,9 +1000,11 @@ impl<S: Store + Clone> Control<S> {
         }
         if !changed.is_empty() {
             let now = self.now();
+            // Prepared before taking the lock that every session's changes share.
+            let transitions: Vec<Prepared> = changed.iter().map(|record| transition_audit(record, now)).collect();
             let mut dirty = lock(&self.inner.dirty);
+            dirty.transitions.extend(transitions);
             for record in changed {
-                dirty.transitions.push(transition_audit(&record, now));
                 // The latest state of a command supersedes any unwritten earlier one.
                 dirty.records.insert(record.command.command_id.clone(), record);
             }
@@ -1044,7 +1062,7 @@ impl<S: Store + Clone> Control<S> {
 
     /// Announces durable command records to subscribers and appends the audit records of
     /// the changes they hold.
-    async fn publish(&self, batch: Vec<CommandRecord>, transitions: Vec<NewAudit>) {
+    async fn publish(&self, batch: Vec<CommandRecord>, transitions: Vec<Prepared>) {
         for record in batch {
             let _ = self.inner.updates.send(record);
         }
@@ -1060,7 +1078,7 @@ impl<S: Store + Clone> Control<S> {
 
     /// Puts records whose write failed back, unless a newer record of the command is waiting,
     /// and their changes' audit records before any that came since.
-    fn requeue_dirty(&self, batch: Vec<CommandRecord>, transitions: Vec<NewAudit>) {
+    fn requeue_dirty(&self, batch: Vec<CommandRecord>, transitions: Vec<Prepared>) {
         let mut dirty = lock(&self.inner.dirty);
         for record in batch {
             dirty.records.entry(record.command.command_id.clone()).or_insert(record);
@@ -1220,7 +1238,7 @@ struct Dirty {
     records: BTreeMap<CommandId, CommandRecord>,
     /// The audit record of every change, in order, including those whose record a later
     /// change superseded: the chain keeps each step of a command's life, the store its last.
-    transitions: Vec<NewAudit>,
+    transitions: Vec<Prepared>,
 }
 
 impl Dirty {
@@ -1228,7 +1246,7 @@ impl Dirty {
         self.records.is_empty() && self.transitions.is_empty()
     }
 
-    fn split(self) -> (Vec<CommandRecord>, Vec<NewAudit>) {
+    fn split(self) -> (Vec<CommandRecord>, Vec<Prepared>) {
         (self.records.into_values().collect(), self.transitions)
     }
 }
@@ -1278,36 +1296,47 @@ fn event(
 }
 
 /// The audit record for a command's new state.
-fn transition_audit(record: &CommandRecord, now: Timestamp) -> NewAudit {
-    let (action, rc, detail) = match &record.state {
-        CommandState::Queued { .. } if record.attempts == 0 => {
-            ("command.created", "queued".to_owned(), serde_json::json!({}))
-        }
-        CommandState::Queued { not_before } => (
-            "command.retry_scheduled",
-            "queued".to_owned(),
-            serde_json::json!({ "not_before": not_before.as_millis() }),
-        ),
-        CommandState::Sent { session } => {
-            ("command.dispatched", "sent".to_owned(), serde_json::json!({ "session": session }))
-        }
-        CommandState::Acked { .. } => ("command.acked", "acked".to_owned(), serde_json::json!({})),
-        CommandState::Done(Terminal::DeadLettered(reason)) => {
-            ("command.dead_lettered", "dead_lettered".to_owned(), serde_json::json!({ "reason": reason.as_str() }))
-        }
-        CommandState::Done(terminal) => ("command.finished", terminal.as_str().to_owned(), serde_json::json!({})),
+fn transition_audit(record: &CommandRecord, now: Timestamp) -> Prepared {
+    let (action, rc) = match &record.state {
+        CommandState::Queued { .. } if record.attempts == 0 => ("command.created", "queued"),
+        CommandState::Queued { .. } => ("command.retry_scheduled", "queued"),
+        CommandState::Sent { .. } => ("command.dispatched", "sent"),
+        CommandState::Acked { .. } => ("command.acked", "acked"),
+        CommandState::Done(Terminal::DeadLettered(_)) => ("command.dead_lettered", "dead_lettered"),
+        CommandState::Done(terminal) => ("command.finished", terminal.as_str()),
     };
-    NewAudit {
+    let command = &record.command;
+    let fields = Fields {
         ts: now,
-        req_id: String::new(),
-        actor: "host".to_owned(),
-        action: action.to_owned(),
-        args_hash: audit::chain::args_hash(&record.command.args),
-        targets: vec![record.command.agent_id.to_string(), record.command.command_id.to_string()],
+        req_id: "",
+        actor: "host",
+        action,
+        args_hash: &audit::chain::args_hash(&command.args),
+        targets: &[command.agent_id.as_str(), command.command_id.as_str()],
         rc,
         duration_ms: now.saturating_since(record.submitted_at).as_millis() as u64,
-        detail: serde_json::json!({ "verb": record.command.verb.as_str(), "attempts": record.attempts, "state": detail }),
-    }
+    };
+    // `{"attempts":…,"state":{…},"verb":…}`: canonical JSON, members in sorted order, written
+    // as is rather than through a JSON value (four of these are made per command).
+    Prepared::build(fields, |out| {
+        let _ = write!(out, "{{\"attempts\":{},\"state\":{{", record.attempts);
+        match &record.state {
+            CommandState::Queued { not_before } if record.attempts > 0 => {
+                let _ = write!(out, "\"not_before\":{}", not_before.as_millis());
+            }
+            CommandState::Sent { session } => {
+                let _ = write!(out, "\"session\":{session}");
+            }
+            CommandState::Done(Terminal::DeadLettered(reason)) => {
+                out.push_str("\"reason\":");
+                push_json_string(reason.as_str(), out);
+            }
+            _ => {}
+        }
+        out.push_str("},\"verb\":");
+        push_json_string(command.verb.as_str(), out);
+        out.push('}');
+    })
 }
 
 /// Lets the admission [`Host`] own a handle to the shared key table.
@@ -1322,6 +1351,57 @@ impl AgentKeys for SharedKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lifecycle records as a JSON value would make them: what `transition_audit` writes
+    /// directly must be the same record, byte for byte.
+    #[test]
+    fn lifecycle_records_are_those_of_their_json_values() {
+        let command = viworks_core::session::NewCommand {
+            command_id: CommandId::new("cmd-1").expect("valid"),
+            agent_id: AgentId::new("gw-1").expect("valid"),
+            verb: Verb::new("docker_ps").expect("valid"),
+            args: serde_json::json!({ "all": true, "filter": "name=\"web\"" }),
+            timeout: Duration::from_secs(30),
+        };
+        let at = |millis| Timestamp::from_millis(millis);
+        let states = [
+            (CommandState::Queued { not_before: at(5) }, 0, "command.created", "queued", serde_json::json!({})),
+            (
+                CommandState::Queued { not_before: at(9) },
+                2,
+                "command.retry_scheduled",
+                "queued",
+                serde_json::json!({ "not_before": 9 }),
+            ),
+            (CommandState::Sent { session: 7 }, 1, "command.dispatched", "sent", serde_json::json!({ "session": 7 })),
+            (CommandState::Acked { deadline: at(99) }, 1, "command.acked", "acked", serde_json::json!({})),
+            (CommandState::Done(Terminal::Succeeded), 1, "command.finished", "succeeded", serde_json::json!({})),
+            (
+                CommandState::Done(Terminal::DeadLettered(viworks_core::session::DeadLetter::NoResult)),
+                3,
+                "command.dead_lettered",
+                "dead_lettered",
+                serde_json::json!({ "reason": "no_result" }),
+            ),
+        ];
+        for (state, attempts, action, rc, detail) in states {
+            let record = CommandRecord { command: command.clone(), state, attempts, submitted_at: at(1_000), order: 4 };
+            let expected = NewAudit {
+                ts: at(1_250),
+                req_id: String::new(),
+                actor: "host".to_owned(),
+                action: action.to_owned(),
+                args_hash: audit::chain::args_hash(&command.args),
+                targets: vec!["gw-1".to_owned(), "cmd-1".to_owned()],
+                rc: rc.to_owned(),
+                duration_ms: 250,
+                detail: serde_json::json!({ "verb": "docker_ps", "attempts": attempts, "state": detail }),
+            };
+            let written = transition_audit(&record, at(1_250));
+            assert_eq!(written, Prepared::new(expected.clone()), "{action}");
+            assert_eq!(written.content(), expected, "{action}");
+        }
+    }
 
     #[test]
     fn sortable_ids_order_by_time_then_differ_by_their_random_part() {

@@ -4,6 +4,7 @@
 //! Shared by every store: a record is [`Prepared`] where it is made, linked by [`Tip::link`] when
 //! a store appends it, and checked by [`verify`] when the chain is walked.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::ops::Range;
 
@@ -24,7 +25,7 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// of how a store orders JSON keys, so any store, or `b3sum` over an export, reproduces it.
 /// Costs one pass writing the canonical text and one of BLAKE3 over it.
 pub fn link_hash(prev: &[u8; 32], content: &NewAudit) -> [u8; 32] {
-    hash_after(prev, &canonical_content(content).0)
+    hash_after(prev, &canonical_content(content))
 }
 
 /// `blake3(prev || canonical)`: the one definition of a link, for records read back
@@ -36,41 +37,90 @@ fn hash_after(prev: &[u8; 32], canonical: &str) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
-/// `canonical_json(&serde_json::to_value(content))`, written member by member in the sorted
+/// The members of a record other than `detail`, borrowed: what [`Prepared::build`] writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Fields<'a, T: AsRef<str>> {
+    /// When it happened.
+    pub ts: Timestamp,
+    /// The API request, or the session, it belongs to.
+    pub req_id: &'a str,
+    /// Who did it.
+    pub actor: &'a str,
+    /// What happened.
+    pub action: &'a str,
+    /// BLAKE3 of the canonical JSON of the arguments, hex.
+    pub args_hash: &'a str,
+    /// What it concerned.
+    pub targets: &'a [T],
+    /// The outcome.
+    pub rc: &'a str,
+    /// How long it took.
+    pub duration_ms: u64,
+}
+
+/// Where each member of a record lies in its canonical text: a string member with its quotes,
+/// `detail` and `targets` as their JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Members {
+    action: Range<usize>,
+    actor: Range<usize>,
+    args_hash: Range<usize>,
+    detail: Range<usize>,
+    rc: Range<usize>,
+    req_id: Range<usize>,
+    targets: Range<usize>,
+}
+
+/// `canonical_json(&serde_json::to_value(record))`, written member by member in the sorted
 /// order of `NewAudit`'s serialised names, without building a JSON value of the record (a
-/// test holds the two equal for any content). Also returns where in it the canonical JSON of
-/// `detail` and of `targets` lie.
-fn canonical_content(content: &NewAudit) -> (String, Range<usize>, Range<usize>) {
-    let NewAudit { ts, req_id, actor, action, args_hash, targets, rc, duration_ms, detail } = content;
-    let mut out = String::with_capacity(192 + targets.iter().map(String::len).sum::<usize>());
+/// test holds the two equal for any content); `write_detail` writes the `detail` member.
+/// Also returns where each member lies in the text.
+fn write_canonical<T: AsRef<str>>(fields: &Fields<'_, T>, write_detail: impl FnOnce(&mut String)) -> (String, Members) {
+    let Fields { ts, req_id, actor, action, args_hash, targets, rc, duration_ms } = *fields;
+    let mut out = String::with_capacity(192 + targets.iter().map(|t| t.as_ref().len()).sum::<usize>());
     out.push_str("{\"action\":");
-    push_json_string(action, &mut out);
+    let action = span(&mut out, |out| push_json_string(action, out));
     out.push_str(",\"actor\":");
-    push_json_string(actor, &mut out);
+    let actor = span(&mut out, |out| push_json_string(actor, out));
     out.push_str(",\"args_hash\":");
-    push_json_string(args_hash, &mut out);
+    let args_hash = span(&mut out, |out| push_json_string(args_hash, out));
     out.push_str(",\"detail\":");
-    let detail_start = out.len();
-    push_canonical_json(detail, &mut out);
-    let detail_at = detail_start..out.len();
+    let detail = span(&mut out, write_detail);
     // Writing to a String cannot fail.
     let _ = write!(out, ",\"duration_ms\":{duration_ms},\"rc\":");
-    push_json_string(rc, &mut out);
+    let rc = span(&mut out, |out| push_json_string(rc, out));
     out.push_str(",\"req_id\":");
-    push_json_string(req_id, &mut out);
+    let req_id = span(&mut out, |out| push_json_string(req_id, out));
     out.push_str(",\"targets\":");
-    let targets_start = out.len();
-    out.push('[');
-    for (i, target) in targets.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+    let targets = span(&mut out, |out| {
+        out.push('[');
+        for (i, target) in targets.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(target.as_ref(), out);
         }
-        push_json_string(target, &mut out);
-    }
-    out.push(']');
-    let targets_at = targets_start..out.len();
+        out.push(']');
+    });
     let _ = write!(out, ",\"ts\":{}}}", ts.as_millis());
-    (out, detail_at, targets_at)
+    (out, Members { action, actor, args_hash, detail, rc, req_id, targets })
+}
+
+/// Where in `out` what `write` appends lies.
+fn span(out: &mut String, write: impl FnOnce(&mut String)) -> Range<usize> {
+    let start = out.len();
+    write(out);
+    start..out.len()
+}
+
+/// The canonical JSON of `content` (see [`write_canonical`]).
+fn canonical_content(content: &NewAudit) -> String {
+    write_canonical(&fields_of(content), |out| push_canonical_json(&content.detail, out)).0
+}
+
+fn fields_of(content: &NewAudit) -> Fields<'_, String> {
+    let NewAudit { ts, req_id, actor, action, args_hash, targets, rc, duration_ms, detail: _ } = content;
+    Fields { ts: *ts, req_id, actor, action, args_hash, targets, rc, duration_ms: *duration_ms }
 }
 
 /// A 32-byte hash as 64 lowercase hexadecimal digits, as stored in `prev_hash` and `hash`.
@@ -83,37 +133,66 @@ pub fn hex(hash: &[u8; 32]) -> impl std::ops::Deref<Target = str> + std::fmt::Di
     blake3::Hash::from_bytes(*hash).to_hex()
 }
 
-/// An audit record ready to be linked: its content as every store keeps it, and the canonical
-/// JSON of that content, which is both what the chain hashes and the `record` of the record's
-/// `audit` log line.
+/// An audit record ready to be linked: the canonical JSON of its content, which is what the
+/// chain hashes, what the stores keep (each column a member of it) and the `record` of the
+/// record's `audit` log line.
 ///
 /// Writing that text is most of the cost of linking a record. Preparing does it once, where the
 /// record is made, so that the store's writer, which links records one after the other, only
-/// hashes, and the log line needs no second serialisation.
-#[derive(Clone, Debug, PartialEq)]
+/// hashes, and the log line needs no second serialisation. The text is the record's only
+/// allocation: the members are read from it, so the appender, which frees records on another
+/// thread than the one that made them, frees one block per record.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prepared {
-    content: NewAudit,
     canonical: String,
-    /// Where in `canonical` the canonical JSON of `detail` is.
-    detail: Range<usize>,
-    /// Where in `canonical` the canonical JSON of `targets` is.
-    targets: Range<usize>,
+    ts: Timestamp,
+    duration_ms: u64,
+    members: Members,
 }
 
 impl Prepared {
     /// Prepares `content`. Its times and durations are first saturated as the stores keep
     /// them (both store 64-bit signed integers; a value past `i64::MAX` reads back as
     /// `u64::MAX`), so that the hash taken now is the hash of what verification reads later.
-    pub fn new(mut content: NewAudit) -> Prepared {
-        content.ts = Timestamp::from_millis(as_stored(content.ts.as_millis()));
-        content.duration_ms = as_stored(content.duration_ms);
-        let (canonical, detail, targets) = canonical_content(&content);
-        Prepared { content, canonical, detail, targets }
+    pub fn new(content: NewAudit) -> Prepared {
+        Prepared::build(fields_of(&content), |out| push_canonical_json(&content.detail, out))
+    }
+
+    /// Prepares the record of `fields` whose `detail` `write_detail` writes, without a
+    /// [`NewAudit`] or a JSON value of the detail: for records made by the thousand.
+    /// `write_detail` must write canonical JSON (keys sorted, no whitespace, as
+    /// [`push_canonical_json`] does), or the record will not verify once stored; debug builds
+    /// check that it does.
+    pub fn build<T: AsRef<str>>(mut fields: Fields<'_, T>, write_detail: impl FnOnce(&mut String)) -> Prepared {
+        fields.ts = Timestamp::from_millis(as_stored(fields.ts.as_millis()));
+        fields.duration_ms = as_stored(fields.duration_ms);
+        let (canonical, members) = write_canonical(&fields, write_detail);
+        let record = Prepared { canonical, ts: fields.ts, duration_ms: fields.duration_ms, members };
+        debug_assert_eq!(
+            serde_json::from_str::<Value>(record.detail_json())
+                .map(|detail| viworks_core::idempotency::canonical_json(&detail))
+                .ok()
+                .as_deref(),
+            Some(record.detail_json()),
+            "a record's detail must be written as canonical JSON"
+        );
+        record
     }
 
     /// The content, as it will read back from the store.
-    pub fn content(&self) -> &NewAudit {
-        &self.content
+    pub fn content(&self) -> NewAudit {
+        NewAudit {
+            ts: self.ts,
+            req_id: self.req_id().into_owned(),
+            actor: self.actor().into_owned(),
+            action: self.action().into_owned(),
+            args_hash: self.args_hash().into_owned(),
+            // The record's own text, written as JSON above: it always parses.
+            targets: serde_json::from_str(self.targets_json()).unwrap_or_default(),
+            rc: self.rc().into_owned(),
+            duration_ms: self.duration_ms,
+            detail: serde_json::from_str(self.detail_json()).unwrap_or(Value::Null),
+        }
     }
 
     /// The canonical JSON of the content: keys sorted, no whitespace.
@@ -121,19 +200,66 @@ impl Prepared {
         &self.canonical
     }
 
+    /// When it happened, as stored.
+    pub fn ts(&self) -> Timestamp {
+        self.ts
+    }
+
+    /// How long it took, as stored.
+    pub fn duration_ms(&self) -> u64 {
+        self.duration_ms
+    }
+
+    /// The API request, or the session, it belongs to.
+    pub fn req_id(&self) -> Cow<'_, str> {
+        self.string(&self.members.req_id)
+    }
+
+    /// Who did it.
+    pub fn actor(&self) -> Cow<'_, str> {
+        self.string(&self.members.actor)
+    }
+
+    /// What happened.
+    pub fn action(&self) -> Cow<'_, str> {
+        self.string(&self.members.action)
+    }
+
+    /// BLAKE3 of the canonical JSON of the arguments, hex.
+    pub fn args_hash(&self) -> Cow<'_, str> {
+        self.string(&self.members.args_hash)
+    }
+
+    /// The outcome.
+    pub fn rc(&self) -> Cow<'_, str> {
+        self.string(&self.members.rc)
+    }
+
     /// The canonical JSON of the content's `targets`, as the stores keep that column.
     pub fn targets_json(&self) -> &str {
-        self.canonical.get(self.targets.clone()).unwrap_or("[]")
+        self.canonical.get(self.members.targets.clone()).unwrap_or("[]")
     }
 
     /// The canonical JSON of the content's `detail`, as the stores keep that column.
     pub fn detail_json(&self) -> &str {
-        self.canonical.get(self.detail.clone()).unwrap_or("null")
+        self.canonical.get(self.members.detail.clone()).unwrap_or("null")
+    }
+
+    /// The string member at `at` (a JSON string, quotes included), unescaped: borrowed from the
+    /// text unless it holds an escape.
+    fn string(&self, at: &Range<usize>) -> Cow<'_, str> {
+        let quoted = self.canonical.get(at.clone()).unwrap_or("\"\"");
+        let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or("");
+        if !inner.contains('\\') {
+            return Cow::Borrowed(inner);
+        }
+        // Written by `push_json_string`, so it parses.
+        serde_json::from_str::<String>(quoted).map_or(Cow::Borrowed(inner), Cow::Owned)
     }
 
     /// The stored record this becomes at `link`.
     pub fn into_entry(self, link: Link) -> AuditEntry {
-        AuditEntry { seq: link.seq, content: self.content, prev_hash: to_hex(&link.prev), hash: to_hex(&link.hash) }
+        AuditEntry { seq: link.seq, content: self.content(), prev_hash: to_hex(&link.prev), hash: to_hex(&link.hash) }
     }
 }
 
@@ -285,7 +411,7 @@ mod tests {
         assert_eq!(record.content().duration_ms, u64::MAX);
         let value = serde_json::to_value(record.content()).expect("json");
         assert_eq!(record.canonical(), canonical_json(&value));
-        assert_eq!(Prepared::new(content(2)).content(), &content(2), "ordinary values are kept");
+        assert_eq!(Prepared::new(content(2)).content(), content(2), "ordinary values are kept");
     }
 
     #[test]
@@ -394,9 +520,13 @@ mod tests {
         fn the_canonical_content_is_the_canonical_json_of_the_record(content in any_content()) {
             let value = serde_json::to_value(&content).expect("a record is JSON");
             let record = Prepared::new(content.clone());
-            prop_assert_eq!(canonical_content(&content).0, canonical_json(&value));
+            prop_assert_eq!(canonical_content(&content), canonical_json(&value));
             prop_assert_eq!(record.detail_json(), canonical_json(&value["detail"]));
             prop_assert_eq!(record.targets_json(), canonical_json(&value["targets"]));
+            let mut stored = content;
+            stored.ts = Timestamp::from_millis(as_stored(stored.ts.as_millis()));
+            stored.duration_ms = as_stored(stored.duration_ms);
+            prop_assert_eq!(record.content(), stored, "every member reads back from the text");
         }
 
         #[test]

@@ -44,7 +44,6 @@ pub struct Auditor {
 }
 
 #[derive(Debug)]
-#[expect(clippy::large_enum_variant, reason = "nearly every message is a record: boxing it would allocate for each")]
 enum Message {
     Record(Prepared),
     Flush(oneshot::Sender<()>),
@@ -70,10 +69,10 @@ impl Auditor {
         }
     }
 
-    /// Queues `entries` in their order, waiting for room for as many as the queue holds at
+    /// Queues `records` in their order, waiting for room for as many as the queue holds at
     /// once rather than for each: one wait, not one per record, for a job's thousands.
-    pub async fn record_all(&self, entries: Vec<NewAudit>) {
-        let mut entries = entries.into_iter().map(Prepared::new).peekable();
+    pub async fn record_all(&self, records: Vec<Prepared>) {
+        let mut entries = records.into_iter().peekable();
         while entries.peek().is_some() {
             let chunk: Vec<Prepared> = entries.by_ref().take(QUEUE).collect();
             match self.queue.reserve_many(chunk.len()).await {
@@ -259,7 +258,7 @@ mod tests {
         let (store, _dir) = fresh().await;
         let auditor = Auditor::start(store.clone());
         let count = QUEUE as u64 + 10;
-        auditor.record_all((1..=count).map(entry).collect()).await;
+        auditor.record_all((1..=count).map(|n| Prepared::new(entry(n))).collect()).await;
         auditor.flush().await;
         assert_eq!(store.verify_audit().await.expect("verify"), ChainVerdict::Intact { entries: count });
         let newest = store.audit(&crate::store::AuditFilter { limit: 20, ..Default::default() }).await.expect("read");
@@ -291,7 +290,7 @@ mod tests {
         let _subscriber = tracing::subscriber::set_default(subscriber);
         let (store, _dir) = fresh().await;
         let auditor = Auditor::start(store.clone());
-        auditor.record_all((1..=5).map(entry).collect()).await;
+        auditor.record_all((1..=5).map(|n| Prepared::new(entry(n))).collect()).await;
         auditor.flush().await;
 
         let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("UTF-8");

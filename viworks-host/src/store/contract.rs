@@ -748,7 +748,7 @@ pub(crate) async fn the_audit_chain_links_every_append_and_verifies<S: Store>(st
     let links = store.append_audits(Arc::clone(&records)).await.expect("append a batch");
     assert_eq!(links.iter().map(|l| l.seq).collect::<Vec<_>>(), (4..=303).collect::<Vec<_>>());
     for ((link, record), content) in links.iter().zip(records.iter()).zip(&batch) {
-        assert_eq!(record.content(), content);
+        assert_eq!(&record.content(), content);
         assert_eq!(link.prev, prev);
         prev = chain::link_hash(&prev, content);
         assert_eq!(link.hash, prev);

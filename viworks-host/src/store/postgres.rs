@@ -8,6 +8,7 @@
 //!   open    ──▶ pg_advisory_xact_lock(migrations) ──▶ pending migrations ──▶ COMMIT
 //! ```
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,6 +187,22 @@ const TELEMETRY_CHUNK: usize = 4096;
 
 /// Rows per multi-row audit insert: 12 parameters each, under the protocol's 65,535.
 const AUDIT_CHUNK: usize = 256;
+
+/// One audit row's parameters, in [`AUDIT_COLUMNS`] order.
+struct AuditColumns<'a> {
+    seq: i64,
+    ts: i64,
+    req_id: Cow<'a, str>,
+    actor: Cow<'a, str>,
+    action: Cow<'a, str>,
+    args_hash: Cow<'a, str>,
+    targets: &'a str,
+    rc: Cow<'a, str>,
+    duration_ms: i64,
+    detail: &'a str,
+    prev_hash: String,
+    hash: String,
+}
 
 /// Advisory lock keys `(namespace, key)` of this store. The namespace keeps them apart from
 /// any other user of advisory locks in the same database.
@@ -1258,40 +1275,41 @@ impl Store for PostgresStore {
             }
         };
         let links: Vec<Link> = records.iter().map(|record| tip.link(record)).collect();
-        let columns: Vec<(i64, i64, i64, String, String, &str, &str)> = records
+        let columns: Vec<AuditColumns<'_>> = records
             .iter()
             .zip(&links)
-            .map(|(record, link)| {
-                let c = record.content();
-                (
-                    u64_sql(link.seq),
-                    ts_sql(c.ts),
-                    u64_sql(c.duration_ms),
-                    chain::to_hex(&link.prev),
-                    chain::to_hex(&link.hash),
-                    record.targets_json(),
-                    record.detail_json(),
-                )
+            .map(|(record, link)| AuditColumns {
+                seq: u64_sql(link.seq),
+                ts: ts_sql(record.ts()),
+                req_id: record.req_id(),
+                actor: record.actor(),
+                action: record.action(),
+                args_hash: record.args_hash(),
+                targets: record.targets_json(),
+                rc: record.rc(),
+                duration_ms: u64_sql(record.duration_ms()),
+                detail: record.detail_json(),
+                prev_hash: chain::to_hex(&link.prev),
+                hash: chain::to_hex(&link.hash),
             })
             .collect();
-        for (records, columns) in records.chunks(AUDIT_CHUNK).zip(columns.chunks(AUDIT_CHUNK)) {
-            let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(records.len(), 12));
-            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(records.len() * 12);
-            for (record, (seq, ts, duration_ms, prev_hash, hash, targets, detail)) in records.iter().zip(columns) {
-                let c = record.content();
+        for columns in columns.chunks(AUDIT_CHUNK) {
+            let sql = format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES {}", values(columns.len(), 12));
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(columns.len() * 12);
+            for c in columns {
                 params.extend([
-                    seq as &(dyn ToSql + Sync),
-                    ts,
+                    &c.seq as &(dyn ToSql + Sync),
+                    &c.ts,
                     &c.req_id,
                     &c.actor,
                     &c.action,
                     &c.args_hash,
-                    targets,
+                    &c.targets,
                     &c.rc,
-                    duration_ms,
-                    detail,
-                    prev_hash,
-                    hash,
+                    &c.duration_ms,
+                    &c.detail,
+                    &c.prev_hash,
+                    &c.hash,
                 ]);
             }
             tx.execute(sql.as_str(), &params).await.db()?;

@@ -1876,18 +1876,17 @@ impl Store for SqliteStore {
             let mut links = Vec::with_capacity(records.len());
             for record in records.iter() {
                 let link = tip.link(record);
-                let c = record.content();
                 insert
                     .execute(params![
                         u64_sql(link.seq),
-                        ts_sql(c.ts),
-                        c.req_id,
-                        c.actor,
-                        c.action,
-                        c.args_hash,
+                        ts_sql(record.ts()),
+                        record.req_id(),
+                        record.actor(),
+                        record.action(),
+                        record.args_hash(),
                         record.targets_json(),
-                        c.rc,
-                        u64_sql(c.duration_ms),
+                        record.rc(),
+                        u64_sql(record.duration_ms()),
                         record.detail_json(),
                         &*chain::hex(&link.prev),
                         &*chain::hex(&link.hash),

@@ -615,8 +615,15 @@ impl<S: Store + Clone> Control<S> {
     pub async fn results(&self, agent: &AgentId, results: Vec<CommandResult>) -> Result<Vec<CommandId>, StoreError> {
         let now = self.now();
         let started = std::time::Instant::now();
-        let writes = results.iter().map(|result| self.inner.store.save_result(agent, result, now));
-        let outcomes = futures_util::future::join_all(writes).await;
+        let store = &self.inner.store;
+        let outcomes = match results.as_slice() {
+            // Most messages carry one result: no joined set of futures to allocate for it.
+            [result] => vec![store.save_result(agent, result, now).await],
+            // Concurrent, so that the writes can share the store's transactions.
+            many => {
+                futures_util::future::join_all(many.iter().map(|result| store.save_result(agent, result, now))).await
+            }
+        };
         self.inner.metrics.result_store_seconds.observe(started.elapsed().as_secs_f64());
         let mut stored = Vec::with_capacity(results.len());
         let mut first_error = None;

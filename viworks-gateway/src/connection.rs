@@ -190,12 +190,15 @@ impl Connector {
 
 /// WebSocket limits that match the protocol's: no message or frame above the largest
 /// protocol message, and small buffers (an agent holds one connection, but the load
-/// generator holds tens of thousands built from this same configuration).
+/// generator holds tens of thousands built from this same configuration). The read buffer is
+/// the host's 4 KiB: tungstenite zero-fills that much before every read, and the messages an
+/// agent receives (commands, acknowledgements) are far smaller; a larger one still arrives,
+/// over several reads.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(DEFAULT_MAX_MESSAGE_LEN))
         .max_frame_size(Some(DEFAULT_MAX_MESSAGE_LEN))
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
 }
 

@@ -72,9 +72,9 @@ impl Auditor {
     /// Queues `records` in their order, waiting for room for as many as the queue holds at
     /// once rather than for each: one wait, not one per record, for a job's thousands.
     pub async fn record_all(&self, records: Vec<Prepared>) {
-        let mut entries = records.into_iter().peekable();
-        while entries.peek().is_some() {
-            let chunk: Vec<Prepared> = entries.by_ref().take(QUEUE).collect();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let chunk: Vec<Prepared> = records.by_ref().take(QUEUE).collect();
             match self.queue.reserve_many(chunk.len()).await {
                 Ok(permits) => permits.zip(chunk).for_each(|(permit, record)| permit.send(Message::Record(record))),
                 Err(mpsc::error::SendError(())) => {

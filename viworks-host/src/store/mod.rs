@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-use crate::audit::chain::{Link, Prepared};
 use viworks_core::Timestamp;
 use viworks_core::idempotency::{IdempotencyKey, JobId, Recorded, RequestDigest};
 use viworks_core::session::CommandRecord;
 use viworks_core::wire::{AgentId, CommandId, CommandResult, Hello, MetricKey, Verb};
+
+use crate::audit::chain::{Link, Prepared};
 
 /// Why a store operation failed.
 #[derive(Debug, Error)]

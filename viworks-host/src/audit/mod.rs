@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use self::chain::{Link, Prepared};
-use crate::store::{NewAudit, Store};
+use crate::store::{self, NewAudit, Store};
 
 /// Records waiting to be appended, at most; beyond it producers wait for room.
 pub const QUEUE: usize = 16_384;
@@ -169,14 +169,10 @@ async fn append<S: Store>(store: &S, records: Arc<[Prepared]>) -> Vec<Option<Lin
             tracing::warn!(%error, records = records.len(), "appending audit records together failed; retrying each");
             let mut links = Vec::with_capacity(records.len());
             for record in records.iter() {
-                match store.append_audits(Arc::from([record.clone()])).await.as_deref() {
-                    Ok([link]) => links.push(Some(*link)),
-                    Ok(other) => {
-                        not_stored(record, &format!("the store linked {} audit records for one", other.len()));
-                        links.push(None);
-                    }
+                match store::append_one(store, record).await {
+                    Ok(link) => links.push(Some(link)),
                     Err(error) => {
-                        not_stored(record, error);
+                        not_stored(record, &error);
                         links.push(None);
                     }
                 }

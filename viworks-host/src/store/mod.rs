@@ -469,6 +469,16 @@ pub struct PoolStatus {
     pub waiting: usize,
 }
 
+/// Appends the one `record` to the audit chain: where it was linked, or why it was not (a store
+/// that answers with another number of links than one counts as failing).
+pub(crate) async fn append_one<S: Store + ?Sized>(store: &S, record: &Prepared) -> Result<Link, StoreError> {
+    let links = store.append_audits(Arc::from([record.clone()])).await?;
+    match links.as_slice() {
+        [link] => Ok(*link),
+        _ => Err(StoreError::Database(format!("the store linked {} audit records for one", links.len()))),
+    }
+}
+
 /// Durable state of the control plane. Implementations: [`sqlite::SqliteStore`], and Postgres.
 ///
 /// Futures are `Send` so the host can await them from any task. Reads never wait behind
@@ -580,11 +590,8 @@ pub trait Store: Send + Sync + 'static {
     fn append_audit(&self, entry: &NewAudit) -> impl Future<Output = Result<AuditEntry, StoreError>> + Send {
         async move {
             let record = Prepared::new(entry.clone());
-            let links = self.append_audits(Arc::from([record.clone()])).await?;
-            match links.as_slice() {
-                [link] => Ok(record.into_entry(*link)),
-                _ => Err(StoreError::Database(format!("the store linked {} audit records for one", links.len()))),
-            }
+            let link = append_one(self, &record).await?;
+            Ok(record.into_entry(link))
         }
     }
 

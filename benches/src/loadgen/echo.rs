@@ -4,16 +4,26 @@
 //! configuration (TLS 1.3, client certificates verified against the host CA) and the host's
 //! WebSocket buffer sizes; the clients dial exactly as the synthetic agents do, with the same
 //! certificates from the same source addresses. The server echoes every binary message.
+//!
+//! A command's round trip holds two durable writes that no echo makes (the command before
+//! the API accepts it, the result before the agent is told it is stored), so the baseline
+//! also measures a *journaled* echo: the server writes the message to a SQLite journal set
+//! up as the host's store is (WAL, `synchronous=FULL`, one writer committing what has
+//! queued) before echoing it, and the client sends the first echo straight back for a
+//! second journaled leg. One leg is the least any durable result acknowledgement costs on
+//! this disk; two in series, the least a durable command round trip costs.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc};
+use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use viworks_core::wire::DEFAULT_MAX_MESSAGE_LEN;
@@ -26,6 +36,99 @@ use super::pace;
 use super::stats::Summary;
 use super::system;
 use super::{Deadline, LoadgenError};
+
+/// What an echo message asks of the server and the client, in its ninth byte (the first
+/// eight carry when it was due to be sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Leg {
+    /// Echoed as it is.
+    Bare = 0,
+    /// Journaled, then echoed; the round trip ends with its echo.
+    Journaled = 1,
+    /// Journaled, then echoed; the client sends it back as [`Leg::Journaled`].
+    JournaledTwice = 2,
+}
+
+impl Leg {
+    fn of(payload: &[u8]) -> Option<Leg> {
+        match payload.get(8) {
+            Some(0) => Some(Leg::Bare),
+            Some(1) => Some(Leg::Journaled),
+            Some(2) => Some(Leg::JournaledTwice),
+            _ => None,
+        }
+    }
+}
+
+/// Messages waiting for the journal's writer, at most; connections wait for room beyond it.
+const JOURNAL_QUEUE: usize = 4096;
+
+/// Most messages the journal's writer commits in one transaction.
+const JOURNAL_BATCH: usize = 1024;
+
+/// A message for the journal, and where to say whether it was written.
+type JournalEntry = (Bytes, oneshot::Sender<bool>);
+
+/// The echo server's journal: one thread that writes whatever messages have queued in one
+/// transaction, as the host's store writer does.
+#[derive(Clone, Debug)]
+struct Journal {
+    queue: mpsc::Sender<JournalEntry>,
+}
+
+impl Journal {
+    /// Opens (creating if missing) the journal at `path`, set up as the host's store is, and
+    /// starts its writer thread.
+    fn open(path: &Path) -> Result<Journal, LoadgenError> {
+        let failed = |reason: String| LoadgenError::Journal { path: path.to_owned(), reason };
+        let failed_sql = |error: rusqlite::Error| failed(error.to_string());
+        let conn = rusqlite::Connection::open(path).map_err(failed_sql)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(failed_sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(failed(format!("cannot switch it to WAL mode (it is in {mode} mode)")));
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(failed_sql)?;
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+            .map_err(failed_sql)?;
+        let (queue, entries) = mpsc::channel(JOURNAL_QUEUE);
+        std::thread::Builder::new()
+            .name("echo-journal".into())
+            .spawn(move || write_journal(conn, entries))
+            .map_err(LoadgenError::io("start the writer thread of", path))?;
+        Ok(Journal { queue })
+    }
+
+    /// Writes `body` durably; false when the journal could not.
+    async fn write(&self, body: Bytes) -> bool {
+        let (done, written) = oneshot::channel();
+        self.queue.send((body, done)).await.is_ok() && written.await.unwrap_or(false)
+    }
+}
+
+fn write_journal(mut conn: rusqlite::Connection, mut entries: mpsc::Receiver<JournalEntry>) {
+    let mut batch = Vec::with_capacity(JOURNAL_BATCH);
+    while entries.blocking_recv_many(&mut batch, JOURNAL_BATCH) > 0 {
+        let written = commit(&mut conn, &batch);
+        if let Err(error) = &written {
+            tracing::error!(%error, messages = batch.len(), "journal write failed");
+        }
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(written.is_ok());
+        }
+    }
+}
+
+fn commit(conn: &mut rusqlite::Connection, batch: &[JournalEntry]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached("INSERT INTO journal (body) VALUES (?1)")?;
+        for (body, _) in batch {
+            insert.execute([&body[..]])?;
+        }
+    }
+    tx.commit()
+}
 
 /// The WebSocket settings the host applies to agent connections (`agents/connection.rs`):
 /// a 4 KiB read buffer, no write buffering, the protocol's message limit.
@@ -43,6 +146,7 @@ pub fn host_websocket_config() -> WebSocketConfig {
 pub fn serve(args: &EchoServerArgs) -> Result<(), LoadgenError> {
     let pki = Pki::load(&args.data_dir)?;
     let tls = viworks_host::tls::agent_server_config(&pki)?;
+    let journal = Journal::open(&args.journal)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,7 +159,7 @@ pub fn serve(args: &EchoServerArgs) -> Result<(), LoadgenError> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(echo_connection(acceptor.clone(), stream));
+                    tokio::spawn(echo_connection(acceptor.clone(), stream, journal.clone()));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
@@ -66,7 +170,7 @@ pub fn serve(args: &EchoServerArgs) -> Result<(), LoadgenError> {
     })
 }
 
-async fn echo_connection(acceptor: TlsAcceptor, stream: TcpStream) {
+async fn echo_connection(acceptor: TlsAcceptor, stream: TcpStream, journal: Journal) {
     let _ = stream.set_nodelay(true);
     let Ok(tls) = acceptor.accept(stream).await else { return };
     let Ok(mut socket) = tokio_tungstenite::accept_async_with_config(tls, Some(host_websocket_config())).await else {
@@ -74,7 +178,14 @@ async fn echo_connection(acceptor: TlsAcceptor, stream: TcpStream) {
     };
     while let Some(Ok(message)) = socket.next().await {
         let echoed = match message {
-            WsMessage::Binary(bytes) => socket.send(WsMessage::Binary(bytes)).await,
+            WsMessage::Binary(bytes) => {
+                let journaled = matches!(Leg::of(&bytes), Some(Leg::Journaled | Leg::JournaledTwice));
+                if journaled && !journal.write(bytes.clone()).await {
+                    // Not written, so not echoed: the client counts it as lost.
+                    break;
+                }
+                socket.send(WsMessage::Binary(bytes)).await
+            }
             WsMessage::Close(_) => break,
             _ => Ok(()),
         };
@@ -103,6 +214,14 @@ pub struct EchoFigures {
     pub round_trip: Summary,
     /// Messages sent in the round-trip phase.
     pub sent: usize,
+    /// Journaled round trips, one leg: from when the message was due to its echo, the server
+    /// having written it durably first.
+    pub journaled_once: Summary,
+    /// Journaled round trips, two legs in series: the first echo sent straight back and
+    /// journaled again, timed from when the first was due to the second echo.
+    pub journaled_twice: Summary,
+    /// Messages sent in the journaled phase (each makes both legs).
+    pub journaled_sent: usize,
     /// Rate of the round-trip phase, messages per second.
     pub rate: u32,
     /// CPU time of the echo server and the load generator while connecting and during the
@@ -143,13 +262,13 @@ pub async fn measure(
     let idle_rss = system::memory_of(server_pid)?.rss;
     let mut meter = system::CpuMeter::start(server_pid, None);
     let url = format!("wss://{}:{}/ws/agent", dial::SERVER_NAME, plan.addr.port());
-    let rtts = Arc::new(AsyncMutex::new(Vec::<Duration>::new()));
+    let rtts = Arc::new(AsyncMutex::new(RoundTrips::default()));
     let base = Instant::now();
 
     let semaphore = Arc::new(Semaphore::new(plan.concurrency));
     let (report, mut reports) = mpsc::unbounded_channel::<Result<(usize, Duration), String>>();
     let mut clients = JoinSet::new();
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel::<(usize, mpsc::Sender<Instant>)>();
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel::<(usize, mpsc::Sender<(Instant, Leg)>)>();
     let started = Instant::now();
     let count = plan.connections.min(identities.len());
     for index in 0..count {
@@ -218,34 +337,21 @@ pub async fn measure(
         return Err(LoadgenError::Connect { connected: 0, wanted: count, first_failure: "no echo client".into() });
     }
     senders.sort_by_key(|(index, _)| *index);
+    let senders: Vec<_> = senders.into_iter().map(|(_, tx)| tx).collect();
     tokio::time::sleep(plan.settle).await;
     let connected_rss = system::memory_of(server_pid)?.rss;
     meter.lap("echo: settle");
 
-    // Round trips at the plan's rate, open loop, each timed from when it was due.
-    let interval = Duration::from_secs_f64(1.0 / f64::from(plan.rate.max(1)));
-    let total = (f64::from(plan.rate) * plan.duration.as_secs_f64()).round() as usize;
-    let mut sent = 0;
-    let mut ticks = pace::ticks(std::time::Instant::now() + Duration::from_millis(10), interval, total);
-    while let Some((k, due)) = ticks.recv().await {
-        if tokio::time::Instant::from_std(due) > deadline.instant() {
-            return Err(deadline.expired("echo round trips", format!("{k} of {total} sent")));
-        }
-        if senders[k % senders.len()].1.try_send(due).is_ok() {
-            sent += 1;
-        }
-    }
-    let wait_until = deadline.within(Duration::from_secs(30));
-    while rtts.lock().await.len() < sent && tokio::time::Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let sent = round_trips(plan, &senders, Leg::Bare, &rtts, deadline).await?;
     cpu.push(meter.lap("echo: round trips"));
+    let journaled_sent = round_trips(plan, &senders, Leg::JournaledTwice, &rtts, deadline).await?;
+    cpu.push(meter.lap("echo: journaled"));
     drop(senders);
     let closing = async { while clients.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(30), closing).await.is_err() {
         tracing::warn!("echo clients did not close within 30 s");
     }
-    let round_trip = Summary::of(std::mem::take(&mut *rtts.lock().await));
+    let rtts = std::mem::take(&mut *rtts.lock().await);
     let per_connection = connected_rss.saturating_sub(idle_rss) as f64 / count.max(1) as f64;
     Ok(EchoFigures {
         connected: count,
@@ -254,29 +360,81 @@ pub async fn measure(
         idle_rss,
         connected_rss,
         per_connection,
-        round_trip,
+        round_trip: Summary::of(rtts.bare),
         sent,
+        journaled_once: Summary::of(rtts.journaled_once),
+        journaled_twice: Summary::of(rtts.journaled_twice),
+        journaled_sent,
         rate: plan.rate,
         cpu,
     })
 }
 
-/// One echo client: sends a message when told (carrying when it was due), records the round
-/// trip when the echo comes back, closes when the sender side is dropped.
+/// Round trips the echo clients timed, by kind.
+#[derive(Debug, Default)]
+struct RoundTrips {
+    bare: Vec<Duration>,
+    journaled_once: Vec<Duration>,
+    journaled_twice: Vec<Duration>,
+}
+
+impl RoundTrips {
+    /// Round trips of `leg` that have ended.
+    fn ended(&self, leg: Leg) -> usize {
+        match leg {
+            Leg::Bare => self.bare.len(),
+            Leg::Journaled | Leg::JournaledTwice => self.journaled_twice.len(),
+        }
+    }
+}
+
+/// Sends messages of `leg` at the plan's rate, open loop, spread over the clients, and waits
+/// (up to 30 s) for their round trips to end; returns how many were sent.
+async fn round_trips(
+    plan: &EchoPlan,
+    senders: &[mpsc::Sender<(Instant, Leg)>],
+    leg: Leg,
+    rtts: &AsyncMutex<RoundTrips>,
+    deadline: Deadline,
+) -> Result<usize, LoadgenError> {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(plan.rate.max(1)));
+    let total = (f64::from(plan.rate) * plan.duration.as_secs_f64()).round() as usize;
+    let ended_before = rtts.lock().await.ended(leg);
+    let mut sent = 0;
+    let mut ticks = pace::ticks(Instant::now() + Duration::from_millis(10), interval, total);
+    while let Some((k, due)) = ticks.recv().await {
+        if tokio::time::Instant::from_std(due) > deadline.instant() {
+            return Err(deadline.expired("echo round trips", format!("{k} of {total} sent")));
+        }
+        if senders[k % senders.len()].try_send((due, leg)).is_ok() {
+            sent += 1;
+        }
+    }
+    let wait_until = deadline.within(Duration::from_secs(30));
+    while rtts.lock().await.ended(leg) - ended_before < sent && tokio::time::Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(sent)
+}
+
+/// One echo client: sends a message when told (carrying when it was due and its leg),
+/// records the round trip when the echo comes back (sending a [`Leg::JournaledTwice`] echo
+/// straight back for its second leg), closes when the sender side is dropped.
 async fn echo_client(
     mut socket: Socket,
-    mut due: mpsc::Receiver<Instant>,
-    rtts: Arc<AsyncMutex<Vec<Duration>>>,
+    mut due: mpsc::Receiver<(Instant, Leg)>,
+    rtts: Arc<AsyncMutex<RoundTrips>>,
     base: Instant,
     bytes: usize,
 ) {
     loop {
         tokio::select! {
             next = due.recv() => match next {
-                Some(at) => {
+                Some((at, leg)) => {
                     let mut payload = vec![b'x'; bytes.max(16)];
                     let offset = at.saturating_duration_since(base).as_nanos() as u64;
                     payload[..8].copy_from_slice(&offset.to_le_bytes());
+                    payload[8] = leg as u8;
                     if socket.send(WsMessage::Binary(payload.into())).await.is_err() {
                         break;
                     }
@@ -287,11 +445,23 @@ async fn echo_client(
                 }
             },
             frame = socket.next() => match frame {
-                Some(Ok(WsMessage::Binary(payload))) if payload.len() >= 8 => {
-                    let mut offset = [0u8; 8];
-                    offset.copy_from_slice(&payload[..8]);
-                    let at = base + Duration::from_nanos(u64::from_le_bytes(offset));
-                    rtts.lock().await.push(at.elapsed());
+                Some(Ok(WsMessage::Binary(payload))) => {
+                    let (Some(offset), Some(leg)) = (payload.first_chunk::<8>(), Leg::of(&payload)) else { continue };
+                    let elapsed = (base + Duration::from_nanos(u64::from_le_bytes(*offset))).elapsed();
+                    let mut rtts = rtts.lock().await;
+                    match leg {
+                        Leg::Bare => rtts.bare.push(elapsed),
+                        Leg::Journaled => rtts.journaled_twice.push(elapsed),
+                        Leg::JournaledTwice => {
+                            rtts.journaled_once.push(elapsed);
+                            drop(rtts);
+                            let mut again = payload.to_vec();
+                            again[8] = Leg::Journaled as u8;
+                            if socket.send(WsMessage::Binary(again.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                 }
                 Some(Ok(_)) => {}
                 _ => break,

@@ -105,6 +105,14 @@ pub enum LoadgenError {
         /// The file.
         path: PathBuf,
     },
+    /// The echo server's journal could not be opened or set up.
+    #[error("the echo journal {}: {reason}", path.display())]
+    Journal {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The host's PKI could not be loaded or could not issue a certificate.
     #[error(transparent)]
     Pki(#[from] viworks_host::tls::TlsError),

@@ -41,6 +41,10 @@ pub struct EchoServerArgs {
     /// Where to listen.
     #[arg(long, value_name = "HOST:PORT")]
     pub addr: std::net::SocketAddr,
+    /// The SQLite database (created if missing) that journaled messages are written to
+    /// before they are echoed.
+    #[arg(long, value_name = "FILE")]
+    pub journal: PathBuf,
 }
 
 /// What to measure and how hard.

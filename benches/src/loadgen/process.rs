@@ -225,10 +225,11 @@ pub async fn serve_host(
     Ok(host)
 }
 
-/// The echo server child: `<echo_bin> echo-server --data-dir D --addr A`.
+/// The echo server child: `<echo_bin> echo-server --data-dir D --addr A --journal D/echo-journal.db`.
 pub async fn serve_echo(echo_bin: &Path, data_dir: &Path, addr: SocketAddr) -> Result<Process, LoadgenError> {
     let mut command = Command::new(echo_bin);
     command.arg("echo-server").arg("--data-dir").arg(data_dir).arg("--addr").arg(addr.to_string());
+    command.arg("--journal").arg(data_dir.join("echo-journal.db"));
     let mut echo = Process::spawn("the echo server", command, data_dir.join("echo.log"))?;
     echo.wait_listening(addr).await?;
     Ok(echo)

@@ -122,6 +122,15 @@ pub struct Overhead {
     /// Median of COMMAND-at-agent to RESULT_ACK (one message each way plus a durable write)
     /// vs median echo round trip.
     pub result_p50: Option<f64>,
+    /// Median command round trip (two durable writes in series: the command before the 202,
+    /// its result before the RESULT_ACK) vs median journaled echo of two legs.
+    pub durable_round_trip_p50: Option<f64>,
+    /// 99th percentile of both.
+    pub durable_round_trip_p99: Option<f64>,
+    /// Median of COMMAND-at-agent to RESULT_ACK vs median journaled echo of one leg.
+    pub durable_result_p50: Option<f64>,
+    /// 99th percentile of both.
+    pub durable_result_p99: Option<f64>,
 }
 
 fn ratio(ours: f64, bare: f64) -> Option<f64> {
@@ -267,6 +276,10 @@ impl Report {
             round_trip_p50: rtt.and_then(|r| ratio(ms(r.round_trip.p50), ms(echo.round_trip.p50))),
             round_trip_p99: rtt.and_then(|r| ratio(ms(r.round_trip.p99), ms(echo.round_trip.p99))),
             result_p50: rtt.and_then(|r| ratio(ms(r.result_stored.p50), ms(echo.round_trip.p50))),
+            durable_round_trip_p50: rtt.and_then(|r| ratio(ms(r.round_trip.p50), ms(echo.journaled_twice.p50))),
+            durable_round_trip_p99: rtt.and_then(|r| ratio(ms(r.round_trip.p99), ms(echo.journaled_twice.p99))),
+            durable_result_p50: rtt.and_then(|r| ratio(ms(r.result_stored.p50), ms(echo.journaled_once.p50))),
+            durable_result_p99: rtt.and_then(|r| ratio(ms(r.result_stored.p99), ms(echo.journaled_once.p99))),
         }
     }
 
@@ -290,6 +303,9 @@ impl Report {
                     "rate": e.rate,
                     "sent": e.sent,
                     "round_trip": e.round_trip.to_json(),
+                    "journaled_sent": e.journaled_sent,
+                    "journaled_once": e.journaled_once.to_json(),
+                    "journaled_twice": e.journaled_twice.to_json(),
                 }),
                 Err(e) => json!({ "error": e }),
             },
@@ -299,6 +315,10 @@ impl Report {
                 "round_trip_p50": overhead.round_trip_p50,
                 "round_trip_p99": overhead.round_trip_p99,
                 "result_p50": overhead.result_p50,
+                "durable_round_trip_p50": overhead.durable_round_trip_p50,
+                "durable_round_trip_p99": overhead.durable_round_trip_p99,
+                "durable_result_p50": overhead.durable_result_p50,
+                "durable_result_p99": overhead.durable_result_p99,
             },
             "load_average": { "start": self.load.0, "end": self.load.1 },
             "stores": self.stores.iter().map(|s| {
@@ -604,6 +624,14 @@ impl fmt::Display for Report {
                     kib(e.per_connection)
                 )?;
                 writeln!(f, "   echo round trip at {}/s ({} sent): {}", e.rate, e.sent, e.round_trip)?;
+                writeln!(
+                    f,
+                    "   journaled echo at {}/s ({} sent; each message written to SQLite, WAL, synchronous=FULL, \
+                     before its echo):",
+                    e.rate, e.journaled_sent
+                )?;
+                writeln!(f, "     one write:             {}", e.journaled_once)?;
+                writeln!(f, "     two writes in series:  {}", e.journaled_twice)?;
                 let o = self.overhead();
                 let within = |r: Option<f64>| r.map(|r| if r <= 1.5 { "≤ 1.5×" } else { "> 1.5×" }).unwrap_or("n/a");
                 writeln!(f, "   overhead of ViWorkS over the bare transport (target ≤ 1.5×):")?;
@@ -622,6 +650,15 @@ impl fmt::Display for Report {
                     within(o.round_trip_p99)
                 )?;
                 writeln!(f, "     COMMAND→RESULT_ACK p50 vs echo: {} ({})", times(o.result_p50), within(o.result_p50))?;
+                writeln!(f, "   the same against the journaled echo (as many durable writes in series as ours):")?;
+                for (what, r) in [
+                    ("round trip p50 vs two writes:", o.durable_round_trip_p50),
+                    ("round trip p99 vs two writes:", o.durable_round_trip_p99),
+                    ("COMMAND→RESULT_ACK p50 vs one:", o.durable_result_p50),
+                    ("COMMAND→RESULT_ACK p99 vs one:", o.durable_result_p99),
+                ] {
+                    writeln!(f, "     {what:<30} {} ({})", times(r), within(r))?;
+                }
             }
             Err(e) => writeln!(f, "7. baseline: {e}")?,
         }

@@ -203,6 +203,10 @@ fn is_unfinished(state: &str) -> bool {
 /// Rows per multi-row telemetry upsert (4 parameters each, far below SQLite's limit).
 const TELEMETRY_CHUNK: usize = 128;
 
+/// Agents named in one read, at most, for it to run in the calling task rather than on the
+/// blocking pool (see `SqliteStore::read_here`).
+const POINT_READ_ROWS: usize = 8;
+
 /// New WAL pages (4 KiB each) after which the checkpointer thread is woken: SQLite's own
 /// automatic-checkpoint interval, moved off the writer.
 const CHECKPOINT_EVERY_PAGES: i32 = 1000;
@@ -400,6 +404,16 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+
+    /// Runs `work`, an index lookup of a few rows, on a read-only connection in the calling
+    /// task. Such a read takes microseconds from the page cache, less than the handoff to the
+    /// blocking pool and back (two context switches); scans, and reads whose size the caller
+    /// sets, go through [`Self::read`].
+    async fn read_here<T>(&self, work: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let _permit = self.inner.readers.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let conn = self.inner.readers.checkout()?;
+        work(&conn)
     }
 }
 
@@ -1413,11 +1427,13 @@ impl Store for SqliteStore {
     }
 
     async fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
-        let id = id.as_str().to_owned();
-        self.read(move |conn| read_agent(conn, &id)).await
+        self.read_here(|conn| read_agent(conn, id.as_str())).await
     }
 
     async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
+        if ids.len() <= POINT_READ_ROWS {
+            return self.read_here(|conn| ids.iter().filter_map(|id| read_agent(conn, id.as_str()).transpose()).collect()).await;
+        }
         let ids: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
         // All of them on one read connection, in one trip to the blocking pool.
         self.read(move |conn| ids.iter().filter_map(|id| read_agent(conn, id).transpose()).collect()).await
@@ -2012,8 +2028,7 @@ impl Store for SqliteStore {
     }
 
     async fn token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let token_hash = token_hash.to_owned();
-        self.read(move |conn| {
+        self.read_here(|conn| {
             let row = conn
                 .prepare_cached(
                     "SELECT token_hash, name, role, created_at, revoked FROM api_tokens WHERE token_hash = ?1",

@@ -37,8 +37,9 @@ use super::stats::Summary;
 use super::system;
 use super::{Deadline, LoadgenError};
 
-/// What an echo message asks of the server and the client, in its ninth byte (the first
-/// eight carry when it was due to be sent).
+/// What an echo message asks of the server and the client, in its ninth byte. Bytes 0..8
+/// carry when it was due to be sent and, in a second leg, bytes 16..24 when that leg began
+/// (nanoseconds since the client's base instant, little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Leg {
@@ -60,6 +61,9 @@ impl Leg {
         }
     }
 }
+
+/// The shortest echo message: the due instant, the leg, the second leg's start.
+const MIN_MESSAGE: usize = 24;
 
 /// Messages waiting for the journal's writer, at most; connections wait for room beyond it.
 const JOURNAL_QUEUE: usize = 4096;
@@ -214,8 +218,10 @@ pub struct EchoFigures {
     pub round_trip: Summary,
     /// Messages sent in the round-trip phase.
     pub sent: usize,
-    /// Journaled round trips, one leg: from when the message was due to its echo, the server
-    /// having written it durably first.
+    /// Journaled round trips, one leg: the second leg of each, from the client receiving the
+    /// first echo (and sending it back) to the second echo, the server having written it
+    /// durably first. Like COMMAND→RESULT_ACK, it starts at a message received, so no
+    /// pacing lateness is in it.
     pub journaled_once: Summary,
     /// Journaled round trips, two legs in series: the first echo sent straight back and
     /// journaled again, timed from when the first was due to the second echo.
@@ -431,7 +437,7 @@ async fn echo_client(
         tokio::select! {
             next = due.recv() => match next {
                 Some((at, leg)) => {
-                    let mut payload = vec![b'x'; bytes.max(16)];
+                    let mut payload = vec![b'x'; bytes.max(MIN_MESSAGE)];
                     let offset = at.saturating_duration_since(base).as_nanos() as u64;
                     payload[..8].copy_from_slice(&offset.to_le_bytes());
                     payload[8] = leg as u8;
@@ -445,22 +451,30 @@ async fn echo_client(
                 }
             },
             frame = socket.next() => match frame {
-                Some(Ok(WsMessage::Binary(payload))) => {
-                    let (Some(offset), Some(leg)) = (payload.first_chunk::<8>(), Leg::of(&payload)) else { continue };
-                    let elapsed = (base + Duration::from_nanos(u64::from_le_bytes(*offset))).elapsed();
-                    let mut rtts = rtts.lock().await;
-                    match leg {
-                        Leg::Bare => rtts.bare.push(elapsed),
-                        Leg::Journaled => rtts.journaled_twice.push(elapsed),
-                        Leg::JournaledTwice => {
-                            rtts.journaled_once.push(elapsed);
-                            drop(rtts);
+                Some(Ok(WsMessage::Binary(payload))) if payload.len() >= MIN_MESSAGE => {
+                    let since = |at: usize| {
+                        let mut offset = [0u8; 8];
+                        offset.copy_from_slice(&payload[at..at + 8]);
+                        (base + Duration::from_nanos(u64::from_le_bytes(offset))).elapsed()
+                    };
+                    match Leg::of(&payload) {
+                        Some(Leg::Bare) => rtts.lock().await.bare.push(since(0)),
+                        Some(Leg::Journaled) => {
+                            let (whole, second) = (since(0), since(16));
+                            let mut rtts = rtts.lock().await;
+                            rtts.journaled_twice.push(whole);
+                            rtts.journaled_once.push(second);
+                        }
+                        Some(Leg::JournaledTwice) => {
                             let mut again = payload.to_vec();
                             again[8] = Leg::Journaled as u8;
+                            let now = base.elapsed().as_nanos() as u64;
+                            again[16..24].copy_from_slice(&now.to_le_bytes());
                             if socket.send(WsMessage::Binary(again.into())).await.is_err() {
                                 break;
                             }
                         }
+                        None => {}
                     }
                 }
                 Some(Ok(_)) => {}

@@ -1432,7 +1432,9 @@ impl Store for SqliteStore {
 
     async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
         if ids.len() <= POINT_READ_ROWS {
-            return self.read_here(|conn| ids.iter().filter_map(|id| read_agent(conn, id.as_str()).transpose()).collect()).await;
+            return self
+                .read_here(|conn| ids.iter().filter_map(|id| read_agent(conn, id.as_str()).transpose()).collect())
+                .await;
         }
         let ids: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
         // All of them on one read connection, in one trip to the blocking pool.

@@ -67,6 +67,11 @@ fn the_quick_profile_measures_every_phase_against_a_real_host_on_both_stores() {
     assert!(number("/telemetry/samples") > 0.0, "{stdout}");
     assert_eq!(number("/echo/connected"), agents, "{stdout}");
     assert_eq!(number("/echo/round_trip/count"), number("/echo/sent"), "every echo comes back:\n{stdout}");
+    assert!(number("/echo/journaled_sent") > 0.0, "{stdout}");
+    for leg in ["/echo/journaled_once/count", "/echo/journaled_twice/count"] {
+        assert_eq!(number(leg), number("/echo/journaled_sent"), "every journaled echo comes back twice:\n{stdout}");
+    }
+    assert!(number("/overhead/durable_round_trip_p50") > 0.0, "{stdout}");
     assert!(number("/overhead/memory") > 0.0, "{stdout}");
     assert_eq!(number("/violations"), 0.0, "the host sent nothing the agents refused:\n{stdout}");
     assert_eq!(number("/lost"), 0.0, "every session is held until the end:\n{stdout}");

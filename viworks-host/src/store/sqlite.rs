@@ -1077,6 +1077,11 @@ fn read_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, StoreE
     row.map(AgentRow::decode).transpose()
 }
 
+/// The agents of `ids` that are enrolled, in the order named.
+fn read_agents<'a>(conn: &Connection, ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<AgentRecord>, StoreError> {
+    ids.into_iter().filter_map(|id| read_agent(conn, id).transpose()).collect()
+}
+
 /// Whether `instance_id` holds the presence of `agent_id`.
 fn present_at(conn: &Connection, agent_id: &str, instance_id: &str) -> Result<bool, StoreError> {
     conn.prepare_cached("SELECT 1 FROM presence WHERE agent_id = ?1 AND instance_id = ?2")
@@ -1432,13 +1437,11 @@ impl Store for SqliteStore {
 
     async fn agents_named(&self, ids: &[AgentId]) -> Result<Vec<AgentRecord>, StoreError> {
         if ids.len() <= POINT_READ_ROWS {
-            return self
-                .read_here(|conn| ids.iter().filter_map(|id| read_agent(conn, id.as_str()).transpose()).collect())
-                .await;
+            return self.read_here(|conn| read_agents(conn, ids.iter().map(AgentId::as_str))).await;
         }
         let ids: Vec<String> = ids.iter().map(|id| id.as_str().to_owned()).collect();
         // All of them on one read connection, in one trip to the blocking pool.
-        self.read(move |conn| ids.iter().filter_map(|id| read_agent(conn, id).transpose()).collect()).await
+        self.read(move |conn| read_agents(conn, ids.iter().map(String::as_str))).await
     }
 
     async fn agents(&self, filter: &AgentFilter) -> Result<Vec<AgentRecord>, StoreError> {

@@ -1304,13 +1304,23 @@ fn event(
 
 /// The audit record for a command's new state.
 fn transition_audit(record: &CommandRecord, now: Timestamp) -> Prepared {
-    let (action, rc) = match &record.state {
-        CommandState::Queued { .. } if record.attempts == 0 => ("command.created", "queued"),
-        CommandState::Queued { .. } => ("command.retry_scheduled", "queued"),
-        CommandState::Sent { .. } => ("command.dispatched", "sent"),
-        CommandState::Acked { .. } => ("command.acked", "acked"),
-        CommandState::Done(Terminal::DeadLettered(_)) => ("command.dead_lettered", "dead_lettered"),
-        CommandState::Done(terminal) => ("command.finished", terminal.as_str()),
+    /// The one member, if any, of a state's `detail.state`.
+    enum StateMember<'a> {
+        None,
+        Number(&'static str, u64),
+        Text(&'static str, &'a str),
+    }
+    let (action, rc, member) = match &record.state {
+        CommandState::Queued { .. } if record.attempts == 0 => ("command.created", "queued", StateMember::None),
+        CommandState::Queued { not_before } => {
+            ("command.retry_scheduled", "queued", StateMember::Number("not_before", not_before.as_millis()))
+        }
+        CommandState::Sent { session } => ("command.dispatched", "sent", StateMember::Number("session", *session)),
+        CommandState::Acked { .. } => ("command.acked", "acked", StateMember::None),
+        CommandState::Done(Terminal::DeadLettered(reason)) => {
+            ("command.dead_lettered", "dead_lettered", StateMember::Text("reason", reason.as_str()))
+        }
+        CommandState::Done(terminal) => ("command.finished", terminal.as_str(), StateMember::None),
     };
     let command = &record.command;
     let fields = Fields {
@@ -1327,18 +1337,15 @@ fn transition_audit(record: &CommandRecord, now: Timestamp) -> Prepared {
     // as is rather than through a JSON value (four of these are made per command).
     Prepared::build(fields, |out| {
         let _ = write!(out, "{{\"attempts\":{},\"state\":{{", record.attempts);
-        match &record.state {
-            CommandState::Queued { not_before } if record.attempts > 0 => {
-                let _ = write!(out, "\"not_before\":{}", not_before.as_millis());
+        match member {
+            StateMember::None => {}
+            StateMember::Number(key, value) => {
+                let _ = write!(out, "\"{key}\":{value}");
             }
-            CommandState::Sent { session } => {
-                let _ = write!(out, "\"session\":{session}");
+            StateMember::Text(key, value) => {
+                let _ = write!(out, "\"{key}\":");
+                push_json_string(value, out);
             }
-            CommandState::Done(Terminal::DeadLettered(reason)) => {
-                out.push_str("\"reason\":");
-                push_json_string(reason.as_str(), out);
-            }
-            _ => {}
         }
         out.push_str("},\"verb\":");
         push_json_string(command.verb.as_str(), out);

@@ -633,32 +633,37 @@ impl fmt::Display for Report {
                 writeln!(f, "     one write:             {}", e.journaled_once)?;
                 writeln!(f, "     two writes in series:  {}", e.journaled_twice)?;
                 let o = self.overhead();
-                let within = |r: Option<f64>| r.map(|r| if r <= 1.5 { "≤ 1.5×" } else { "> 1.5×" }).unwrap_or("n/a");
+                // One line per ratio, its label padded to `width`, and its verdict.
+                let ratios = |f: &mut fmt::Formatter<'_>, width: usize, rows: &[(&str, Option<f64>)]| {
+                    for &(what, r) in rows {
+                        let within = r.map(|r| if r <= 1.5 { "≤ 1.5×" } else { "> 1.5×" }).unwrap_or("n/a");
+                        writeln!(f, "     {what:<width$} {} ({within})", times(r))?;
+                    }
+                    Ok::<_, fmt::Error>(())
+                };
                 writeln!(f, "   overhead of ViWorkS over the bare transport (target ≤ 1.5×):")?;
-                writeln!(f, "     connect the fleet:            {} ({})", times(o.connect), within(o.connect))?;
-                writeln!(f, "     memory per connection:        {} ({})", times(o.memory), within(o.memory))?;
-                writeln!(
+                ratios(
                     f,
-                    "     round trip p50:               {} ({})",
-                    times(o.round_trip_p50),
-                    within(o.round_trip_p50)
+                    29,
+                    &[
+                        ("connect the fleet:", o.connect),
+                        ("memory per connection:", o.memory),
+                        ("round trip p50:", o.round_trip_p50),
+                        ("round trip p99:", o.round_trip_p99),
+                        ("COMMAND→RESULT_ACK p50 vs echo:", o.result_p50),
+                    ],
                 )?;
-                writeln!(
-                    f,
-                    "     round trip p99:               {} ({})",
-                    times(o.round_trip_p99),
-                    within(o.round_trip_p99)
-                )?;
-                writeln!(f, "     COMMAND→RESULT_ACK p50 vs echo: {} ({})", times(o.result_p50), within(o.result_p50))?;
                 writeln!(f, "   the same against the journaled echo (as many durable writes in series as ours):")?;
-                for (what, r) in [
-                    ("round trip p50 vs two writes:", o.durable_round_trip_p50),
-                    ("round trip p99 vs two writes:", o.durable_round_trip_p99),
-                    ("COMMAND→RESULT_ACK p50 vs one:", o.durable_result_p50),
-                    ("COMMAND→RESULT_ACK p99 vs one:", o.durable_result_p99),
-                ] {
-                    writeln!(f, "     {what:<30} {} ({})", times(r), within(r))?;
-                }
+                ratios(
+                    f,
+                    30,
+                    &[
+                        ("round trip p50 vs two writes:", o.durable_round_trip_p50),
+                        ("round trip p99 vs two writes:", o.durable_round_trip_p99),
+                        ("COMMAND→RESULT_ACK p50 vs one:", o.durable_result_p50),
+                        ("COMMAND→RESULT_ACK p99 vs one:", o.durable_result_p99),
+                    ],
+                )?;
             }
             Err(e) => writeln!(f, "7. baseline: {e}")?,
         }

@@ -847,7 +847,10 @@ impl<S: Store + Clone> Control<S> {
         // before the first COMMAND goes out.
         let claimant =
             agents.iter().any(|agent| self.is_online(agent)).then_some(self.inner.instance.instance_id.as_str());
-        match self.inner.store.create_job(&job, &records, bounds, claimant).await {
+        let started = std::time::Instant::now();
+        let created = self.inner.store.create_job(&job, &records, bounds, claimant).await;
+        self.inner.metrics.job_store_seconds.observe(started.elapsed().as_secs_f64());
+        match created {
             Ok(JobInsert::Created { claimed }) => Ok(Stored::Created { job_id, records, claimed }),
             Ok(JobInsert::Existing(existing)) => Ok(Stored::Existing(existing)),
             Err(StoreError::IdempotencyConflict(key)) => Err(ControlError::IdempotencyConflict(key)),

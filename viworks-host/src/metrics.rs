@@ -40,6 +40,8 @@ pub struct Metrics {
     pub round_trip_seconds: Histogram,
     /// Time to store one batch of results durably, seconds.
     pub result_store_seconds: Histogram,
+    /// Time to store one job and its commands durably, seconds.
+    pub job_store_seconds: Histogram,
     /// Telemetry samples stored.
     pub telemetry_samples: Counter,
     /// Commands per lifecycle state, refreshed at each scrape.
@@ -77,6 +79,7 @@ impl Metrics {
             results: Counter::default(),
             round_trip_seconds: latency(),
             result_store_seconds: latency(),
+            job_store_seconds: latency(),
             telemetry_samples: Counter::default(),
             commands: Family::default(),
             queue_depth: Gauge::default(),
@@ -104,6 +107,11 @@ impl Metrics {
             "result_store_seconds",
             "Time to store a batch of results durably",
             metrics.result_store_seconds.clone(),
+        );
+        registry.register(
+            "job_store_seconds",
+            "Time to store a job and its commands durably",
+            metrics.job_store_seconds.clone(),
         );
         registry.register("telemetry_samples", "Telemetry samples stored", metrics.telemetry_samples.clone());
         registry.register("commands", "Commands per lifecycle state", metrics.commands.clone());

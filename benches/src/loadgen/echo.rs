@@ -228,6 +228,10 @@ pub struct EchoFigures {
     pub journaled_twice: Summary,
     /// Messages sent in the journaled phase (each makes both legs).
     pub journaled_sent: usize,
+    /// From when a message of either phase was due to when its client began sending it: the
+    /// pacing lateness inside `round_trip` and `journaled_twice`, to set beside the round-trip
+    /// phase's own.
+    pub late: Summary,
     /// Rate of the round-trip phase, messages per second.
     pub rate: u32,
     /// CPU time of the echo server and the load generator while connecting and during the
@@ -371,6 +375,7 @@ pub async fn measure(
         journaled_once: Summary::of(rtts.journaled_once),
         journaled_twice: Summary::of(rtts.journaled_twice),
         journaled_sent,
+        late: Summary::of(rtts.late),
         rate: plan.rate,
         cpu,
     })
@@ -382,6 +387,7 @@ struct RoundTrips {
     bare: Vec<Duration>,
     journaled_once: Vec<Duration>,
     journaled_twice: Vec<Duration>,
+    late: Vec<Duration>,
 }
 
 impl RoundTrips {
@@ -437,6 +443,7 @@ async fn echo_client(
         tokio::select! {
             next = due.recv() => match next {
                 Some((at, leg)) => {
+                    let late = at.elapsed();
                     let mut payload = vec![b'x'; bytes.max(MIN_MESSAGE)];
                     let offset = at.saturating_duration_since(base).as_nanos() as u64;
                     payload[..8].copy_from_slice(&offset.to_le_bytes());
@@ -444,6 +451,7 @@ async fn echo_client(
                     if socket.send(WsMessage::Binary(payload.into())).await.is_err() {
                         break;
                     }
+                    rtts.lock().await.late.push(late);
                 }
                 None => {
                     let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;

@@ -269,6 +269,9 @@ pub struct RoundTripFigures {
     /// The host's own mean time to store a batch of results durably over the phase
     /// (`viworks_result_store_seconds`), when its metrics could be read.
     pub host_result_store: Option<Duration>,
+    /// The host's own mean time to store a submission (its job and command) durably over the
+    /// phase (`viworks_job_store_seconds`), when its metrics could be read.
+    pub host_job_store: Option<Duration>,
     /// The host's own mean time from sending a command to receiving its result, before it
     /// is stored (`viworks_command_round_trip_seconds`, millisecond resolution).
     pub host_round_trip: Option<Duration>,
@@ -276,6 +279,9 @@ pub struct RoundTripFigures {
 
 /// The host's result-store histogram.
 const RESULT_STORE: &str = "viworks_result_store_seconds";
+
+/// The host's job-store histogram.
+const JOB_STORE: &str = "viworks_job_store_seconds";
 
 /// The host's command round-trip histogram.
 const HOST_ROUND_TRIP: &str = "viworks_command_round_trip_seconds";
@@ -296,6 +302,7 @@ pub async fn round_trip(
 ) -> Result<RoundTripFigures, LoadgenError> {
     probe.clear();
     let store_before = api.histogram(RESULT_STORE).await.ok();
+    let job_before = api.histogram(JOB_STORE).await.ok();
     let trip_before = api.histogram(HOST_ROUND_TRIP).await.ok();
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let due_count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
@@ -345,6 +352,7 @@ pub async fn round_trip(
         before.zip(after.ok()).and_then(|(before, after)| after.mean_since(&before))
     };
     let host_result_store = host_mean(store_before, api.histogram(RESULT_STORE).await);
+    let host_job_store = host_mean(job_before, api.histogram(JOB_STORE).await);
     let host_round_trip = host_mean(trip_before, api.histogram(HOST_ROUND_TRIP).await);
     Ok(RoundTripFigures {
         rate,
@@ -358,6 +366,7 @@ pub async fn round_trip(
         delivered: since(|t| t.submitted, |t| t.arrived),
         result_stored: since(|t| t.arrived, |t| t.stored),
         host_result_store,
+        host_job_store,
         host_round_trip,
     })
 }

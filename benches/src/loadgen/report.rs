@@ -182,6 +182,7 @@ impl HostRun {
                 "delivered": r.delivered.to_json(),
                 "result_stored": r.result_stored.to_json(),
                 "host_result_store_mean_ms": r.host_result_store.map(ms),
+                "host_job_store_mean_ms": r.host_job_store.map(ms),
                 "host_round_trip_mean_ms": r.host_round_trip.map(ms),
             }))),
             "sustained": outcome(self.sustained.as_ref().map(|s| json!({
@@ -306,6 +307,7 @@ impl Report {
                     "journaled_sent": e.journaled_sent,
                     "journaled_once": e.journaled_once.to_json(),
                     "journaled_twice": e.journaled_twice.to_json(),
+                    "late": e.late.to_json(),
                 }),
                 Err(e) => json!({ "error": e }),
             },
@@ -441,7 +443,8 @@ impl Report {
                 let mean = |d: Option<Duration>| d.map(|d| format!("{:.2} ms", ms(d))).unwrap_or_else(|| "n/a".into());
                 writeln!(
                     f,
-                    "   the host's own means: storing a batch of results {}, command sent → its result received {}",
+                    "   the host's own means: storing a job {}, a batch of results {}, command sent → its result received {}",
+                    mean(r.host_job_store),
                     mean(r.host_result_store),
                     mean(r.host_round_trip)
                 )?;
@@ -632,6 +635,7 @@ impl fmt::Display for Report {
                 )?;
                 writeln!(f, "     one write:             {}", e.journaled_once)?;
                 writeln!(f, "     two writes in series:  {}", e.journaled_twice)?;
+                writeln!(f, "   due → sent (the echo's own lateness): {}", e.late)?;
                 let o = self.overhead();
                 // One line per ratio, its label padded to `width`, and its verdict.
                 let ratios = |f: &mut fmt::Formatter<'_>, width: usize, rows: &[(&str, Option<f64>)]| {

@@ -283,7 +283,14 @@ mod tests {
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish();
         // The runtime of this test has one thread, so the appender and its emitter log here.
+        // `tracing` caches each callsite's interest for the whole process, computed by the
+        // first thread to reach it; while one dispatcher is registered it asks that thread's
+        // own, and a test running beside this one has none, so it could cache the audit
+        // line's callsite as never enabled. A second dispatcher alive for the test makes the
+        // interest the union of both.
+        let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
         let _subscriber = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
         let (store, _dir) = fresh().await;
         let auditor = Auditor::start(store.clone());
         auditor.record_all((1..=5).map(|n| Prepared::new(entry(n))).collect()).await;

@@ -934,7 +934,7 @@ impl<S: Store + Clone> Control<S> {
     pub fn queue_stats(&self, stats: &StoreStats) -> QueueStats {
         let count = |name: &str| {
             stats
-                .commands_by_state
+                .unfinished_by_state
                 .iter()
                 .find(|(n, _)| n == name)
                 .map_or(0, |(_, c)| usize::try_from(*c).unwrap_or(usize::MAX))
@@ -1074,6 +1074,11 @@ impl<S: Store + Clone> Control<S> {
     /// the changes they hold.
     async fn publish(&self, batch: Vec<CommandRecord>, transitions: Vec<Prepared>) {
         for record in batch {
+            // A terminal state is final, so each command is counted once, by the instance
+            // that stored its end.
+            if let CommandState::Done(terminal) = &record.state {
+                Metrics::count(&self.inner.metrics.finished, terminal.as_str());
+            }
             let _ = self.inner.updates.send(record);
         }
         self.inner.auditor.record_all(transitions).await;

@@ -44,8 +44,11 @@ pub struct Metrics {
     pub job_store_seconds: Histogram,
     /// Telemetry samples stored.
     pub telemetry_samples: Counter,
-    /// Commands per lifecycle state, refreshed at each scrape.
+    /// Unfinished commands per lifecycle state (`queued`, `sent`, `acked`) across every
+    /// instance, refreshed at each scrape.
     pub commands: Family<KindLabel, Gauge>,
+    /// Commands whose end this instance stored, by terminal state.
+    pub finished: Family<KindLabel, Counter>,
     /// Commands waiting to be sent, refreshed at each scrape.
     pub queue_depth: Gauge,
     /// Commands sent and not yet answered, refreshed at each scrape.
@@ -82,6 +85,7 @@ impl Metrics {
             job_store_seconds: latency(),
             telemetry_samples: Counter::default(),
             commands: Family::default(),
+            finished: Family::default(),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
             http_requests: Family::default(),
@@ -114,7 +118,12 @@ impl Metrics {
             metrics.job_store_seconds.clone(),
         );
         registry.register("telemetry_samples", "Telemetry samples stored", metrics.telemetry_samples.clone());
-        registry.register("commands", "Commands per lifecycle state", metrics.commands.clone());
+        registry.register("commands", "Unfinished commands per lifecycle state", metrics.commands.clone());
+        registry.register(
+            "commands_finished",
+            "Commands whose end this instance stored, by terminal state",
+            metrics.finished.clone(),
+        );
         registry.register("queue_depth", "Commands waiting to be sent", metrics.queue_depth.clone());
         registry.register("commands_in_flight", "Commands sent and not yet answered", metrics.in_flight.clone());
         registry.register("http_requests", "API requests by route and status", metrics.http_requests.clone());

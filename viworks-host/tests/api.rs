@@ -318,6 +318,10 @@ async fn cancelling_a_queued_command_makes_it_cancelled_and_cancelling_again_is_
     })
     .await;
     assert!(stored, "the terminal state is durable");
+    let metrics = api.call("GET", "/metrics", None, None).await.body;
+    for line in ["viworks_commands_finished_total{kind=\"cancelled\"} 1", "viworks_commands{kind=\"queued\"} 0"] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     let again = api.call("POST", &path, Some(&api.admin), None).await;
     assert_eq!(again.status, 409, "{}", again.body);
     assert_eq!(api.call("POST", "/api/v1/commands/cmd-nope/cancel", Some(&api.admin), None).await.status, 404);
@@ -366,6 +370,7 @@ async fn health_reports_every_component_and_metrics_count_submissions_and_reques
         "viworks_commands_submitted_total 1",
         "viworks_queue_depth 1",
         "viworks_commands{kind=\"queued\"} 1",
+        "viworks_commands{kind=\"sent\"} 0",
         "viworks_http_requests_total{kind=\"POST /api/v1/commands 2xx\"} 1",
         "viworks_http_requests_total{kind=\"GET /internal/_healthz 2xx\"} 1",
     ] {

@@ -372,8 +372,11 @@ pub struct TokenRecord {
 /// Counts for health and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Commands per state name (`queued`, `sent`, `acked`, and the terminal names).
-    pub commands_by_state: Vec<(String, u64)>,
+    /// Unfinished commands per state name (`queued`, `sent`, `acked`), across every instance;
+    /// a state with none is left out. Finished commands are not counted here: the queue
+    /// bounds keep the unfinished few, so reading this costs the same after years of history,
+    /// where counting every command would read the whole table at each scrape.
+    pub unfinished_by_state: Vec<(String, u64)>,
     /// Rows in the dead-letter table.
     pub dead_letters: u64,
     /// The newest telemetry sample's time, for ingest lag.

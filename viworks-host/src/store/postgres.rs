@@ -1452,11 +1452,13 @@ impl Store for PostgresStore {
             .start()
             .await
             .db()?;
-        let commands_by_state =
-            collect(&tx, "SELECT state, COUNT(*) FROM commands GROUP BY state ORDER BY state", &[], |row| {
-                Ok((get(row, 0, "commands")?, u64_from(get(row, 1, "commands")?, "commands", "count")?))
-            })
-            .await?;
+        let unfinished_by_state = collect(
+            &tx,
+            &format!("SELECT state, COUNT(*) FROM commands WHERE state IN {UNFINISHED} GROUP BY state ORDER BY state"),
+            &[],
+            |row| Ok((get(row, 0, "commands")?, u64_from(get(row, 1, "commands")?, "commands", "count")?)),
+        )
+        .await?;
         let dead_letters: i64 =
             get(&tx.query_one("SELECT COUNT(*) FROM dead_letters", &[]).await.db()?, 0, "dead_letters")?;
         let latest = tx.query_opt("SELECT latest_ts FROM telemetry_watermark WHERE id = 1", &[]).await.db()?;
@@ -1465,7 +1467,7 @@ impl Store for PostgresStore {
             .transpose()?;
         tx.commit().await.db()?;
         Ok(StoreStats {
-            commands_by_state,
+            unfinished_by_state,
             dead_letters: u64_from(dead_letters, "dead_letters", "count")?,
             latest_telemetry,
         })

@@ -2068,9 +2068,11 @@ impl Store for SqliteStore {
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.read(|conn| {
             let tx = conn.unchecked_transaction().db()?;
-            let commands_by_state = collect(
+            let unfinished_by_state = collect(
                 &tx,
-                "SELECT state, COUNT(*) FROM commands GROUP BY state ORDER BY state",
+                &format!(
+                    "SELECT state, COUNT(*) FROM commands WHERE state IN {UNFINISHED} GROUP BY state ORDER BY state"
+                ),
                 [],
                 |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
                 |(state, count)| Ok((state, u64_from(count, "commands", "count")?)),
@@ -2084,7 +2086,7 @@ impl Store for SqliteStore {
                 .optional()
                 .db()?;
             Ok(StoreStats {
-                commands_by_state,
+                unfinished_by_state,
                 dead_letters: u64_from(dead_letters, "dead_letters", "count")?,
                 latest_telemetry: latest.map(|t| ts_from(t, "telemetry_watermark", "latest_ts")).transpose()?,
             })

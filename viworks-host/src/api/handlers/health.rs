@@ -77,11 +77,11 @@ pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<B
             let queue = state.control.queue_stats(&stats);
             metrics.queue_depth.set(queue.queued as i64);
             metrics.in_flight.set(queue.in_flight as i64);
-            // States that emptied since the last scrape drop out of the store's counts; clear
-            // so that they do not keep their old value.
-            metrics.commands.clear();
-            for (name, count) in stats.commands_by_state {
-                metrics.commands.get_or_create(&KindLabel { kind: name }).set(count as i64);
+            // Every unfinished state, at zero when the store counted none, so that a series
+            // does not vanish when its state empties.
+            for name in ["queued", "sent", "acked"] {
+                let count = stats.unfinished_by_state.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+                metrics.commands.get_or_create(&KindLabel { kind: name.to_owned() }).set(count as i64);
             }
         }
         Err(error) => tracing::warn!(%error, "metrics: reading store statistics failed; command gauges are stale"),

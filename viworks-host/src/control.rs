@@ -932,13 +932,7 @@ impl<S: Store + Clone> Control<S> {
 
     /// Queue figures: cluster-wide command counts from `stats`, sessions of this instance.
     pub fn queue_stats(&self, stats: &StoreStats) -> QueueStats {
-        let count = |name: &str| {
-            stats
-                .unfinished_by_state
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0, |(_, c)| usize::try_from(*c).unwrap_or(usize::MAX))
-        };
+        let count = |name: &str| usize::try_from(stats.unfinished(name)).unwrap_or(usize::MAX);
         let queued = count("queued");
         let in_flight = count("sent").saturating_add(count("acked"));
         let free_slots = self.inner.config.dispatch.max_commands.saturating_sub(queued.saturating_add(in_flight));

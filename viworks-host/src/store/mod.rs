@@ -383,6 +383,14 @@ pub struct StoreStats {
     pub latest_telemetry: Option<Timestamp>,
 }
 
+impl StoreStats {
+    /// Unfinished commands in `state` (`queued`, `sent` or `acked`); 0 when the store counted
+    /// none.
+    pub fn unfinished(&self, state: &str) -> u64 {
+        self.unfinished_by_state.iter().find(|(name, _)| name == state).map_or(0, |(_, count)| *count)
+    }
+}
+
 /// How many unfinished commands the store accepts: checked by [`Store::create_job`] against
 /// every instance's commands, so the bound holds for the whole cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

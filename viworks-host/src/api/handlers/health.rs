@@ -80,8 +80,8 @@ pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<B
             // Every unfinished state, at zero when the store counted none, so that a series
             // does not vanish when its state empties.
             for name in ["queued", "sent", "acked"] {
-                let count = stats.unfinished_by_state.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
-                metrics.commands.get_or_create(&KindLabel { kind: name.to_owned() }).set(count as i64);
+                let count = i64::try_from(stats.unfinished(name)).unwrap_or(i64::MAX);
+                metrics.commands.get_or_create(&KindLabel { kind: name.to_owned() }).set(count);
             }
         }
         Err(error) => tracing::warn!(%error, "metrics: reading store statistics failed; command gauges are stale"),

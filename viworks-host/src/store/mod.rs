@@ -369,6 +369,9 @@ pub struct TokenRecord {
     pub revoked: bool,
 }
 
+/// The names of the states a command leaves: every other state name is terminal.
+pub const UNFINISHED_STATES: [&str; 3] = ["queued", "sent", "acked"];
+
 /// Counts for health and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -384,7 +387,7 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
-    /// Unfinished commands in `state` (`queued`, `sent` or `acked`); 0 when the store counted
+    /// Unfinished commands in `state` (one of [`UNFINISHED_STATES`]); 0 when the store counted
     /// none.
     pub fn unfinished(&self, state: &str) -> u64 {
         self.unfinished_by_state.iter().find(|(name, _)| name == state).map_or(0, |(_, count)| *count)

@@ -38,7 +38,8 @@ use super::columns::{
 use super::{
     AgentFilter, AgentRecord, AuditEntry, AuditFilter, CancelOutcome, ChainVerdict, ClaimScope, CommandFilter,
     DeadLetterRow, InstanceRecord, JobInsert, JobRecord, NewAudit, PoolStatus, PresenceClaim, QueueBounds, Role, Store,
-    StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, Wakeup,
+    StoreError, StoreStats, StoredCommand, StoredResult, TelemetryQuery, TelemetryRow, TokenRecord, UNFINISHED_STATES,
+    Wakeup,
 };
 use crate::audit::chain::{self, Link, Prepared};
 
@@ -197,7 +198,7 @@ const UNFINISHED: &str = "('queued', 'sent', 'acked')";
 
 /// Whether a state name is one of [`UNFINISHED`].
 fn is_unfinished(state: &str) -> bool {
-    matches!(state, "queued" | "sent" | "acked")
+    UNFINISHED_STATES.contains(&state)
 }
 
 /// Rows per multi-row telemetry upsert (4 parameters each, far below SQLite's limit).

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::api::ApiState;
 use crate::api::response::{self, Body};
 use crate::metrics::{KindLabel, Metrics};
-use crate::store::{Store, StoreStats};
+use crate::store::{Store, StoreStats, UNFINISHED_STATES};
 
 /// A database slower than this to answer a ping is degraded.
 const SLOW_DATABASE: Duration = Duration::from_secs(1);
@@ -79,7 +79,7 @@ pub(super) async fn metrics<S: Store + Clone>(state: &ApiState<S>) -> Response<B
             metrics.in_flight.set(queue.in_flight as i64);
             // Every unfinished state, at zero when the store counted none, so that a series
             // does not vanish when its state empties.
-            for name in ["queued", "sent", "acked"] {
+            for name in UNFINISHED_STATES {
                 let count = i64::try_from(stats.unfinished(name)).unwrap_or(i64::MAX);
                 metrics.commands.get_or_create(&KindLabel { kind: name.to_owned() }).set(count);
             }
